@@ -1,0 +1,26 @@
+"""orthax: orthogonalized optimizers for JAX, as composable optax transforms."""
+
+from optax.contrib import MuonDimensionNumbers
+
+from orthax import labels, polar
+from orthax.optimizers import muon, normuon
+from orthax.transforms.momentum import MomentumState, momentum
+from orthax.transforms.neuron_normalize import NeuronNormalizeState, neuron_normalize
+from orthax.transforms.orthogonalize import orthogonalize
+from orthax.transforms.shape import scale_by_shape
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MomentumState",
+    "MuonDimensionNumbers",
+    "NeuronNormalizeState",
+    "labels",
+    "momentum",
+    "muon",
+    "neuron_normalize",
+    "normuon",
+    "orthogonalize",
+    "polar",
+    "scale_by_shape",
+]

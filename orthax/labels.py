@@ -1,0 +1,118 @@
+"""Which leaves are hidden matrices (orthogonalized) and which go to AdamW.
+
+The default rule, applied to each leaf from its key path and shape:
+
+1. a leaf whose key path names an embedding or an output head is AdamW's:
+   a path element containing ``"embed"`` (``embedding``, ``wte_embed``, ...),
+   or equal to ``"wte"``, ``"wpe"``, ``"head"`` or ``"lm_head"``, or ending
+   in ``"_head"`` (case-insensitive). Their rows are looked up or read out
+   one token at a time, which is not the ``x @ W`` geometry Muon is built on;
+2. otherwise a 2-D leaf is a hidden matrix;
+3. a leaf with more than two axes is a hidden matrix only if the optimizer's
+   ``dimension_numbers`` give it a ``MuonDimensionNumbers``;
+4. everything else (scalars, biases, norm scales) is AdamW's.
+
+Override it with ``label_fn``: a callable on the params (shapes and key paths
+only: optax may call it on the updates) or a tree of the same structure, whose
+leaves are ``"matrix"``/``"adamw"`` or ``True``/``False`` (``True`` meaning
+matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from orthax.matrices import DimensionNumbersSpec, resolve_dimension_numbers
+
+__all__ = ["ADAMW", "MATRIX", "LabelSpec", "default_labels", "resolve_labels"]
+
+MATRIX = "matrix"
+ADAMW = "adamw"
+
+LabelSpec = Callable[[Any], Any] | Any | None
+
+_HEAD_NAMES = frozenset({"wte", "wpe", "head", "lm_head"})
+
+
+def _key_names(kp) -> list[str]:
+  names = []
+  for k in kp:
+    for attr in ("key", "name"):
+      if hasattr(k, attr):
+        names.append(str(getattr(k, attr)).lower())
+        break
+  return names
+
+
+def _is_embedding_or_head(kp) -> bool:
+  return any("embed" in n or n in _HEAD_NAMES or n.endswith("_head")
+             for n in _key_names(kp))
+
+
+def default_labels(params: Any,
+                   dimension_numbers: DimensionNumbersSpec = None) -> Any:
+  """Labels every leaf of ``params`` by the module's default rule.
+
+  Args:
+    params: the parameter tree (only shapes and key paths are read).
+    dimension_numbers: the optimizer's dimension numbers (as in
+      :func:`orthax.orthogonalize`); they make ndim>2 leaves matrices.
+
+  Returns:
+    A tree like ``params`` of ``"matrix"`` / ``"adamw"``.
+  """
+  specs = iter(resolve_dimension_numbers(dimension_numbers, params))
+  leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
+  labels = []
+  for kp, leaf in leaves_with_path:
+    spec = next(specs)
+    ndim = jnp.ndim(leaf)
+    if _is_embedding_or_head(kp) or ndim < 2:
+      labels.append(ADAMW)
+    elif ndim == 2 or spec is not None:
+      labels.append(MATRIX)
+    else:
+      labels.append(ADAMW)
+  return jax.tree.unflatten(jax.tree.structure(params), labels)
+
+
+def _check_label(path: str, label: Any) -> str:
+  if label is True or label == MATRIX:
+    return MATRIX
+  if label is False or label == ADAMW:
+    return ADAMW
+  raise ValueError(
+      f"label for leaf {path} is {label!r}; expected {MATRIX!r} or {ADAMW!r} "
+      "(or True/False, True meaning matrix).")
+
+
+def resolve_labels(label_fn: LabelSpec,
+                   dimension_numbers: DimensionNumbersSpec) -> Callable[[Any], Any]:
+  """Returns ``params -> labels`` for :func:`optax.partition`.
+
+  Args:
+    label_fn: ``None`` for the default rule, a callable on the params, or a
+      tree of labels.
+    dimension_numbers: passed to the default rule.
+  """
+
+  def labels(params):
+    if label_fn is None:
+      return default_labels(params, dimension_numbers)
+    tree = label_fn(params) if callable(label_fn) else label_fn
+    treedef = jax.tree.structure(params)
+    try:
+      flat = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "label_fn must give one label per leaf of the params (a tree of the "
+          f"same structure); it does not match: {e}") from e
+    paths = [jax.tree_util.keystr(kp)
+             for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return treedef.unflatten([_check_label(p, l) for p, l in zip(paths, flat)])
+
+  return labels

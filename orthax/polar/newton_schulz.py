@@ -1,0 +1,74 @@
+"""The Newton–Schulz iteration: the one implementation of it in orthax.
+
+Given ``X`` of shape ``(..., m, n)``, returns an approximation of its polar
+factor ``U V^T`` (``X = U S V^T``): ``X`` is scaled so that its singular values
+lie in ``(0, 1]`` and every step applies an odd quintic to them,
+
+    A = X X^T;   B = b A + c A^2;   X <- a X + B X.
+
+The Gram matrix is formed on the smaller side: a tall matrix (m > n) is
+iterated through its transpose, so the products are ``min(m, n)``-sized.
+Leading axes are batch axes (one matrix each); the transforms, kernels and
+sharded path all call this function.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["newton_schulz", "frobenius_normalize"]
+
+
+def frobenius_normalize(x: jax.Array, *, margin: float = 1.0,
+                        eps: float = 1e-7) -> jax.Array:
+  """Divides each matrix (last two axes) by ``margin * ||X||_F + eps``.
+
+  The norm is accumulated in float32 (or float64 for float64 input) whatever
+  the input dtype, so bf16 input does not overflow or lose the scale.
+  """
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=(-2, -1),
+                          keepdims=True))
+  return (x.astype(acc) / (margin * norm + eps)).astype(x.dtype)
+
+
+def _step(x: jax.Array, abc: jax.Array) -> jax.Array:
+  a, b, c = abc[0], abc[1], abc[2]
+  gram = x @ jnp.swapaxes(x, -1, -2)
+  poly = b * gram + c * (gram @ gram)
+  return a * x + poly @ x
+
+
+def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
+                  eps: float = 1e-7, compute_dtype=None) -> jax.Array:
+  """Approximate polar factor of each matrix in ``x`` (last two axes).
+
+  Args:
+    x: array of shape ``(..., m, n)``, real floating dtype.
+    coeffs: ``(steps, 3)`` table of ``(a, b, c)``, one row per step (see
+      :mod:`orthax.polar.coefficients`).
+    norm_margin: the input is divided by ``norm_margin * ||X||_F + eps``
+      (Frobenius normalization bounds the spectral norm by 1).
+    eps: keeps the normalization finite for an all-zero matrix, which maps to
+      zero.
+    compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``); ``None``
+      uses ``x.dtype``. The result is returned in ``x.dtype``.
+
+  Returns:
+    An array like ``x`` whose singular values have been pushed towards 1 (the
+    exact values depend on the coefficients) and whose singular vectors are
+    those of ``x``.
+  """
+  out_dtype = x.dtype
+  dtype = out_dtype if compute_dtype is None else jnp.dtype(compute_dtype)
+  transposed = x.shape[-2] > x.shape[-1]
+  if transposed:
+    x = jnp.swapaxes(x, -1, -2)
+  x = frobenius_normalize(x, margin=norm_margin, eps=eps).astype(dtype)
+  table = jnp.asarray(np.asarray(coeffs), dtype=dtype)
+  x, _ = jax.lax.scan(lambda x, abc: (_step(x, abc), None), x, table)
+  if transposed:
+    x = jnp.swapaxes(x, -1, -2)
+  return x.astype(out_dtype)

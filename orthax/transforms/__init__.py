@@ -1,0 +1,1 @@
+"""One optax GradientTransformation per module."""
