@@ -29,12 +29,18 @@ class CoefficientPreset:
     coeffs: float64 array of shape ``(steps, 3)``: ``(a, b, c)`` per step.
     norm_margin: the input is divided by ``norm_margin * ||X||_F + eps``.
     source: where the numbers come from.
+    interval: ``(lo, 1)``: normalized input singular values the preset is
+      made for.
+    band: ``(lo, hi)``: where the composed steps map every value of
+      ``interval`` (checked in float64 by ``tests/test_coefficients.py``).
   """
 
   name: str
   coeffs: np.ndarray
   norm_margin: float
   source: str
+  interval: tuple[float, float]
+  band: tuple[float, float]
 
   @property
   def steps(self) -> int:
@@ -50,6 +56,8 @@ _MUON = CoefficientPreset(
         "networks' (2024), github.com/KellerJordan/Muon: one quintic applied "
         "5 times, tuned for the largest slope at 0 while keeping the output "
         "singular values in about [0.7, 1.2]."),
+    interval=(3e-3, 1.0),
+    band=(0.68, 1.21),
 )
 
 _POLAR_EXPRESS = CoefficientPreset(
@@ -69,6 +77,8 @@ _POLAR_EXPRESS = CoefficientPreset(
         "quintics for singular values in [1e-3, 1], with the safety scaling "
         "of the authors' code; the 5-step list as used in public Muon code "
         "(modded-nanogpt), input normalized by 1.02 * ||X||_F."),
+    interval=(1e-3, 1.0),
+    band=(0.85, 1.15),
 )
 
 _YOU = CoefficientPreset(
@@ -85,6 +95,8 @@ _YOU = CoefficientPreset(
         "J. You's per-step quintics (2025), used by Dion (K. Ahn et al., "
         "'Dion: Distributed Orthonormalized Updates', arXiv:2504.05295, "
         "github.com/microsoft/dion) and optax's 'dion' preset."),
+    interval=(3e-3, 1.0),
+    band=(0.97, 1.15),
 )
 
 PRESETS: dict[str, CoefficientPreset] = {

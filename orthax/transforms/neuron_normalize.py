@@ -19,7 +19,7 @@ class NeuronNormalizeState(NamedTuple):
 
   Attributes:
     nu: per leaf, the moving average of the mean square of each neuron's
-      update: float32 of shape ``(batch, fan_out)`` (``axis="output"``) or
+      update, in float32 (float64 for float64 params), of shape ``(batch, fan_out)`` (``axis="output"``) or
       ``(batch, fan_in)`` (``axis="input"``), where ``batch`` is the product of
       the leaf's batch axes (1 for a 2-D leaf).
   """
@@ -67,7 +67,7 @@ def neuron_normalize(
 
   Returns:
     An :class:`optax.GradientTransformation` whose state holds one float32
-    vector per matrix (``fan_out`` or ``fan_in`` entries per batch slice).
+    (or float64) vector per matrix (``fan_out`` or ``fan_in`` entries per batch slice).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, orthax
@@ -87,9 +87,8 @@ def neuron_normalize(
   transform = "orthax.neuron_normalize"
 
   def init_leaf(view, p):
-    del p
     size = view.fan_out if _neuron_axis(view, axis) == 2 else view.fan_in
-    return jnp.zeros((view.batch, size), jnp.float32)
+    return jnp.zeros((view.batch, size), jnp.promote_types(p.dtype, jnp.float32))
 
   def init_fn(params):
     return NeuronNormalizeState(nu=map_matrices(
@@ -97,7 +96,7 @@ def neuron_normalize(
         transform=transform))
 
   def update_leaf(view, u, nu):
-    o = view.to_matrices(u).astype(jnp.promote_types(u.dtype, jnp.float32))
+    o = view.to_matrices(u).astype(nu.dtype)
     neuron = _neuron_axis(view, axis)
     reduce = 3 - neuron  # the other matrix axis of (batch, fan_in, fan_out)
     nu = beta2 * nu + (1 - beta2) * jnp.mean(jnp.square(o), axis=reduce)
@@ -108,7 +107,7 @@ def neuron_normalize(
     # A zero matrix stays zero: guard the ratio, not the result.
     ratio = norm / jnp.where(scaled_norm > 0, scaled_norm, 1.0)
     out = view.from_matrices(scaled * ratio).astype(u.dtype)
-    return out, nu.astype(jnp.float32)
+    return out, nu
 
   def update_fn(updates, state, params=None):
     del params

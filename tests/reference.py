@@ -1,0 +1,86 @@
+"""Independent NumPy float64 implementations of the published algorithms.
+
+Written from the papers and the authors' reference code (not from orthax), in
+the torch-free ``(fan_in, fan_out)`` layout; each function handles one 2-D
+matrix and loops where orthax batches, so the tests compare two independent
+routes to the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MUON_ABC = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: np.ndarray, coeffs, *, margin: float = 1.0,
+                  eps: float = 1e-7) -> np.ndarray:
+  """Jordan's Muon iteration (any per-step table) on one matrix, in float64."""
+  x = np.asarray(g, np.float64)
+  tall = x.shape[0] > x.shape[1]
+  if tall:
+    x = x.T
+  x = x / (margin * np.sqrt(np.sum(x * x)) + eps)
+  for a, b, c in coeffs:
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x.T if tall else x
+
+
+def muon_run(params, grads_per_step, *, lr, beta=0.95, weight_decay=0.0,
+             nesterov=True, steps=5):
+  """Muon on a list of 2-D matrices over several steps (Jordan 2024).
+
+  ``m <- beta m + (1 - beta) g``; Nesterov input ``beta m + (1 - beta) g``;
+  polar approximation by 5 quintic steps; scale sqrt(max(1, fan_out/fan_in));
+  decoupled weight decay ``lr * wd * W``; ``W <- W - lr * (update + wd W)``.
+  Returns the list of parameters after every step.
+  """
+  params = [np.asarray(p, np.float64) for p in params]
+  moms = [np.zeros_like(p) for p in params]
+  history = []
+  for grads in grads_per_step:
+    new = []
+    for i, (w, g) in enumerate(zip(params, grads)):
+      g = np.asarray(g, np.float64)
+      moms[i] = beta * moms[i] + (1 - beta) * g
+      u = beta * moms[i] + (1 - beta) * g if nesterov else moms[i]
+      o = newton_schulz(u, [MUON_ABC] * steps)
+      fan_in, fan_out = w.shape
+      o = o * np.sqrt(max(1.0, fan_out / fan_in))
+      new.append(w - lr * (o + weight_decay * w))
+    params = new
+    history.append(params)
+  return history
+
+
+def normuon_run(params, grads_per_step, *, lr, beta=0.95, beta2=0.95,
+                eps=1e-10, weight_decay=0.0, steps=5):
+  """NorMuon (Li et al. 2025) on a list of 2-D matrices over several steps.
+
+  After Muon's orthogonalized momentum ``O``: ``v <- beta2 v + (1 - beta2) *
+  mean over fan_in of O**2`` (one entry per output neuron, i.e. per column),
+  ``O' = O / (sqrt(v) + eps)``, rescaled to ``||O||_F``, then Muon's shape
+  scale, decay and step.
+  """
+  params = [np.asarray(p, np.float64) for p in params]
+  moms = [np.zeros_like(p) for p in params]
+  nus = [np.zeros(p.shape[1]) for p in params]
+  history = []
+  for grads in grads_per_step:
+    new = []
+    for i, (w, g) in enumerate(zip(params, grads)):
+      g = np.asarray(g, np.float64)
+      moms[i] = beta * moms[i] + (1 - beta) * g
+      u = beta * moms[i] + (1 - beta) * g
+      o = newton_schulz(u, [MUON_ABC] * steps)
+      norm = np.linalg.norm(o)
+      nus[i] = beta2 * nus[i] + (1 - beta2) * np.mean(o * o, axis=0)
+      o2 = o / (np.sqrt(nus[i])[None, :] + eps)
+      o2 = o2 * norm / np.linalg.norm(o2)
+      fan_in, fan_out = w.shape
+      o2 = o2 * np.sqrt(max(1.0, fan_out / fan_in))
+      new.append(w - lr * (o2 + weight_decay * w))
+    params = new
+    history.append(params)
+  return history
