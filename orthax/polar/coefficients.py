@@ -17,7 +17,18 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["CoefficientPreset", "PRESETS", "get_preset", "resolve_coefficients"]
+__all__ = [
+    "CONVERGENT_QUINTIC",
+    "CoefficientPreset",
+    "PRESETS",
+    "get_preset",
+    "resolve_coefficients",
+]
+
+# p(s) = (15 s - 10 s^3 + 3 s^5) / 8: p(1) = 1, p'(1) = p''(1) = 0, the
+# degree-5 member of the classical Newton–Schulz family (Higham, Functions of
+# Matrices, 2008, ch. 8).
+CONVERGENT_QUINTIC = np.array([15 / 8, -10 / 8, 3 / 8])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +133,13 @@ def resolve_coefficients(coeffs, steps: int | None) -> tuple[np.ndarray, float]:
     coeffs: a preset name, one ``(a, b, c)`` triple (applied at every step), or
       an array of shape ``(k, 3)`` (one triple per step).
     steps: number of steps. ``None`` keeps the preset's (or table's) own count;
-      a single triple then runs 5 steps. With a per-step table, fewer steps
-      take the first rows (each row of a greedy per-step design such as Polar
-      Express is optimal given the rows before it) and more steps repeat the
-      last row.
+      a single triple then runs 5 steps (and is repeated ``steps`` times
+      otherwise). With a per-step table, fewer steps take the first rows (each
+      row of a greedy per-step design such as Polar Express is optimal given
+      the rows before it) and more steps append the classical Newton–Schulz
+      quintic :data:`CONVERGENT_QUINTIC`, which has 1 as a super-attracting
+      fixed point (the tuned rows do not: their last polynomial maps 1 to
+      about 1.06), so extra steps converge to the exact polar factor.
 
   Returns:
     ``(table, norm_margin)``: a float64 array of shape ``(steps, 3)`` and the
@@ -151,6 +165,7 @@ def resolve_coefficients(coeffs, steps: int | None) -> tuple[np.ndarray, float]:
     if steps <= table.shape[0]:
       table = table[:steps]
     else:
-      extra = np.repeat(table[-1:], steps - table.shape[0], axis=0)
+      extra = np.repeat(CONVERGENT_QUINTIC[None, :], steps - table.shape[0],
+                        axis=0)
       table = np.concatenate([table, extra])
   return table, margin
