@@ -167,16 +167,18 @@ def test_label_override(style):
 def test_compute_dtype_bfloat16():
   """bf16 iteration returns the input dtype and stays near the f32 result.
 
-  bf16 keeps 8 bits of mantissa (relative spacing 2**-8 = 3.9e-3); five
-  quintic steps compound it to a few 1e-2 on the polar factor's entries
-  relative to their RMS (measured: worst 0.03 relative RMS error here).
+  bf16 keeps 8 bits of mantissa (relative spacing 2**-8 = 3.9e-3); the
+  matmul operands are rounded to it at every step (products accumulate in
+  f32), and five steps compound that to ~1e-2 relative error on the polar
+  factor (measured here: 0.018 for "muon" and "polar_express"; it was 0.059
+  when the coefficients themselves were rounded to bf16).
   """
   g = {"w": _rand(5, (64, 96))}
   f32, _ = orthax.orthogonalize().update(g, None)
   bf16, _ = orthax.orthogonalize(compute_dtype=jnp.bfloat16).update(g, None)
   assert bf16["w"].dtype == jnp.float32
   err = np.linalg.norm(np.asarray(bf16["w"]) - np.asarray(f32["w"]))
-  assert err / np.linalg.norm(np.asarray(f32["w"])) < 0.06
+  assert err / np.linalg.norm(np.asarray(f32["w"])) < 0.04
   s = np.linalg.svd(np.asarray(bf16["w"]), compute_uv=False)
   assert 0.6 < s.min() and s.max() < 1.3
 

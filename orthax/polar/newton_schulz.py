@@ -35,10 +35,18 @@ def frobenius_normalize(x: jax.Array, *, margin: float = 1.0,
 
 
 def _step(x: jax.Array, abc: jax.Array) -> jax.Array:
+  """One step on operands of x's dtype, accumulated and combined in ``abc``'s.
+
+  With bf16 operands the products accumulate in float32 and the coefficients
+  stay float32 (rounding 3.4445 to bf16 would change the polynomial itself);
+  only the matmul inputs are rounded to bf16.
+  """
+  acc = abc.dtype
   a, b, c = abc[0], abc[1], abc[2]
-  gram = x @ jnp.swapaxes(x, -1, -2)
-  poly = b * gram + c * (gram @ gram)
-  return a * x + poly @ x
+  mm = lambda p, q: jnp.matmul(p, q, preferred_element_type=acc)
+  gram = mm(x, jnp.swapaxes(x, -1, -2))
+  poly = b * gram + c * mm(gram.astype(x.dtype), gram.astype(x.dtype))
+  return (a * x.astype(acc) + mm(poly.astype(x.dtype), x)).astype(x.dtype)
 
 
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
@@ -67,7 +75,8 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   x = frobenius_normalize(x, margin=norm_margin, eps=eps).astype(dtype)
-  table = jnp.asarray(np.asarray(coeffs), dtype=dtype)
+  table = jnp.asarray(np.asarray(coeffs),
+                      dtype=jnp.promote_types(dtype, jnp.float32))
   x, _ = jax.lax.scan(lambda x, abc: (_step(x, abc), None), x, table)
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
