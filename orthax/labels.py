@@ -80,13 +80,14 @@ def default_labels(params: Any,
   return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
-def _check_label(path: str, label: Any) -> str:
+def _check_label(path: str, shape: tuple[int, ...], label: Any) -> str:
   if label is True or label == MATRIX:
     return MATRIX
   if label is False or label == ADAMW:
     return ADAMW
   raise ValueError(
-      f"label for leaf {path} is {label!r}; expected {MATRIX!r} or {ADAMW!r} "
+      f"label for leaf {path} (shape {shape}) is {label!r}; expected "
+      f"{MATRIX!r} or {ADAMW!r} "
       "(or True/False, True meaning matrix).")
 
 
@@ -111,8 +112,9 @@ def resolve_labels(label_fn: LabelSpec,
       raise ValueError(
           "label_fn must give one label per leaf of the params (a tree of the "
           f"same structure); it does not match: {e}") from e
-    paths = [jax.tree_util.keystr(kp)
-             for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
-    return treedef.unflatten([_check_label(p, l) for p, l in zip(paths, flat)])
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return treedef.unflatten([
+        _check_label(jax.tree_util.keystr(kp), jnp.shape(x), l)
+        for (kp, x), l in zip(leaves, flat)])
 
   return labels

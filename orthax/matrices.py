@@ -80,10 +80,12 @@ def resolve_dimension_numbers(
     spec = spec(tree)
   if _is_spec_leaf(spec):
     return [spec] * len(jax.tree.leaves(tree))
+  # Box the specs first: MuonDimensionNumbers is itself a pytree node, so on a
+  # mismatch JAX's error walked into it and blamed the wrong key path.
+  spec = jax.tree.map(_Box, spec, is_leaf=_is_spec_leaf)
   try:
-    boxed = jax.tree.map(
-        lambda s, sub: jax.tree.map(lambda _: _Box(s), sub),
-        spec, tree, is_leaf=_is_spec_leaf)
+    boxed = jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub),
+                         spec, tree)
   except (ValueError, TypeError) as e:
     raise ValueError(
         "dimension_numbers must be None, a MuonDimensionNumbers, or a tree "

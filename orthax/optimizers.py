@@ -22,7 +22,7 @@ def _with_adamw(
     weight_decay_mask: Any, dimension_numbers: DimensionNumbersSpec,
     label_fn: LabelSpec, adam_learning_rate: optax.ScalarOrSchedule | None,
     adam_b1: float, adam_b2: float, adam_eps: float,
-    adam_weight_decay: float,
+    adam_weight_decay: float, mu_dtype,
 ) -> optax.GradientTransformation:
   """Completes ``matrix_tx`` with decay and step size, and routes leaves."""
   matrices = optax.chain(
@@ -32,7 +32,8 @@ def _with_adamw(
   )
   adamw = optax.adamw(
       learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay)
+      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype)
   return optax.partition({MATRIX: matrices, ADAMW: adamw},
                          resolve_labels(label_fn, dimension_numbers))
 
@@ -40,7 +41,8 @@ def _with_adamw(
 _SHARED_ARGS_DOC = """
     beta: momentum decay (:func:`orthax.momentum`).
     nesterov: Nesterov momentum.
-    mu_dtype: dtype of the momentum; ``None`` follows the params.
+    mu_dtype: dtype of the momentum (and of AdamW's first moment, as in
+      ``optax.contrib.muon``); ``None`` follows the params.
     coeffs: Newton–Schulz preset or coefficients (:func:`orthax.orthogonalize`).
     steps: Newton–Schulz steps; ``None`` keeps the preset's.
     eps: Newton–Schulz normalization epsilon.
@@ -124,7 +126,8 @@ def muon(
       weight_decay_mask=weight_decay_mask,
       dimension_numbers=dimension_numbers, label_fn=label_fn,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype)
 
 
 def normuon(
@@ -193,4 +196,5 @@ def normuon(
       weight_decay_mask=weight_decay_mask,
       dimension_numbers=dimension_numbers, label_fn=label_fn,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay)
+      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
+      mu_dtype=mu_dtype)

@@ -49,6 +49,12 @@ def _step(x: jax.Array, abc: jax.Array) -> jax.Array:
   return (a * x.astype(acc) + mm(poly.astype(x.dtype), x)).astype(x.dtype)
 
 
+def _scan_step(x: jax.Array, abc: jax.Array) -> tuple[jax.Array, None]:
+  # A module-level body (not a lambda) lets JAX reuse the traced and compiled
+  # scan across calls: outside jit, a fresh lambda recompiled it every call.
+  return _step(x, abc), None
+
+
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
                   eps: float = 1e-7, compute_dtype=None) -> jax.Array:
   """Approximate polar factor of each matrix in ``x`` (last two axes).
@@ -77,7 +83,7 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
   x = frobenius_normalize(x, margin=norm_margin, eps=eps).astype(dtype)
   table = jnp.asarray(np.asarray(coeffs),
                       dtype=jnp.promote_types(dtype, jnp.float32))
-  x, _ = jax.lax.scan(lambda x, abc: (_step(x, abc), None), x, table)
+  x, _ = jax.lax.scan(_scan_step, x, table)
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   return x.astype(out_dtype)
