@@ -2,11 +2,15 @@
 
 The default rule, applied to each leaf from its key path and shape:
 
-1. a leaf whose key path names an embedding or an output head is AdamW's:
-   a path element containing ``"embed"`` (``embedding``, ``wte_embed``, ...),
-   or equal to ``"wte"``, ``"wpe"``, ``"head"`` or ``"lm_head"``, or ending
-   in ``"_head"`` (case-insensitive). Their rows are looked up or read out
-   one token at a time, which is not the ``x @ W`` geometry Muon is built on;
+1. a leaf whose own name or whose owner's name (the last two elements of its
+   key path, after a trailing ``value`` that Flax NNX states add) names an
+   embedding or an output head is AdamW's: a name containing ``"embed"``
+   (``embedding``, ``token_embed``, ...), or equal to ``"wte"``, ``"wpe"``,
+   ``"head"`` or ``"lm_head"``, or ending in ``"_head"`` (case-insensitive).
+   Their rows are looked up or read out one token at a time, which is not the
+   ``x @ W`` geometry Muon is built on. Only the last two names count, so the
+   hidden layers of a module that merely lives under an ``*embed*`` parent
+   (``patch_embedder/mlp/kernel``) stay matrices;
 2. otherwise a 2-D leaf is a hidden matrix;
 3. a leaf with more than two axes is a hidden matrix only if the optimizer's
    ``dimension_numbers`` give it a ``MuonDimensionNumbers``;
@@ -49,8 +53,11 @@ def _key_names(kp) -> list[str]:
 
 
 def _is_embedding_or_head(kp) -> bool:
+  names = _key_names(kp)
+  while names and names[-1] in ("value", "raw_value"):
+    names.pop()
   return any("embed" in n or n in _HEAD_NAMES or n.endswith("_head")
-             for n in _key_names(kp))
+             for n in names[-2:])
 
 
 def default_labels(params: Any,

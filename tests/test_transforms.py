@@ -119,6 +119,8 @@ def test_default_labels():
                 "ln": {"scale": jnp.zeros(8)},
                 "experts": jnp.zeros((4, 8, 16))},
       "temperature": jnp.zeros(()),
+      "patch_embedder": {"mlp": {"kernel": jnp.zeros((8, 8))},
+                         "proj": {"embedding": jnp.zeros((8, 8))}},
   }
   labels = default_labels(params)
   assert labels["wte"] == labels["tok_embedding"] == ADAMW
@@ -127,6 +129,9 @@ def test_default_labels():
   assert labels["block"]["attn"]["bias"] == labels["block"]["ln"]["scale"] == ADAMW
   assert labels["block"]["experts"] == ADAMW   # ndim 3 without dimension numbers
   assert labels["temperature"] == ADAMW
+  # only the leaf's own name and its owner's count
+  assert labels["patch_embedder"]["mlp"]["kernel"] == MATRIX
+  assert labels["patch_embedder"]["proj"]["embedding"] == ADAMW
   dims = jax.tree.map(lambda x: DIMS(1, 2) if x.ndim == 3 else None, params)
   assert default_labels(params, dims)["block"]["experts"] == MATRIX
 
