@@ -213,3 +213,25 @@ def test_dimension_numbers_callable():
   for i in range(3):
     single, _ = orthax.orthogonalize().update({"w": params["stack"][i]}, None)
     np.testing.assert_allclose(out["stack"][i], single["w"], atol=1e-6)
+
+
+def test_flax_nnx_gpt_labels():
+  """On a Flax NNX GPT's state, exactly the block kernels are matrices."""
+  import importlib.util
+  import pathlib
+  from flax import nnx
+  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_lm.py"
+  spec = importlib.util.spec_from_file_location("tiny_lm_labels", path)
+  tiny_lm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny_lm)
+  model = tiny_lm.GPT(tiny_lm.Config(num_layers=1), rngs=nnx.Rngs(0))
+  labels = default_labels(nnx.state(model, nnx.Param))
+  got = {jax.tree_util.keystr(kp): l
+         for kp, l in jax.tree_util.tree_leaves_with_path(labels)}
+  matrices = sorted(k for k, l in got.items() if l == MATRIX)
+  assert matrices == sorted(
+      f"['blocks'][0]['{m}']['{p}']['kernel'].value"
+      for m, p in [("attn", "key"), ("attn", "out"), ("attn", "query"),
+                   ("attn", "value"), ("mlp", "down"), ("mlp", "up")])
+  assert got["['token_embed']['embedding'].value"] == ADAMW
+  assert got["['lm_head']['kernel'].value"] == ADAMW
