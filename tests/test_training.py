@@ -9,19 +9,14 @@ half on 2 CPU cores.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_lm.py"
-_spec = importlib.util.spec_from_file_location("tiny_lm", _EXAMPLE)
-tiny_lm = sys.modules["tiny_lm"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_lm)
+import tiny_lm  # examples/, put on sys.path by conftest.py
+
 
 pytestmark = pytest.mark.slow
 

@@ -217,13 +217,8 @@ def test_dimension_numbers_callable():
 
 def test_flax_nnx_gpt_labels():
   """On a Flax NNX GPT's state, exactly the block kernels are matrices."""
-  import importlib.util
-  import pathlib
   from flax import nnx
-  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_lm.py"
-  spec = importlib.util.spec_from_file_location("tiny_lm_labels", path)
-  tiny_lm = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny_lm)
+  import tiny_lm  # examples/, put on sys.path by conftest.py
   model = tiny_lm.GPT(tiny_lm.Config(num_layers=1), rngs=nnx.Rngs(0))
   labels = default_labels(nnx.state(model, nnx.Param))
   got = {jax.tree_util.keystr(kp): l
