@@ -27,15 +27,9 @@ def newton_schulz(g: np.ndarray, coeffs, *, margin: float = 1.0,
   return x.T if tall else x
 
 
-def muon_run(params, grads_per_step, *, lr, beta=0.95, weight_decay=0.0,
-             nesterov=True, steps=5):
-  """Muon on a list of 2-D matrices over several steps (Jordan 2024).
-
-  ``m <- beta m + (1 - beta) g``; Nesterov input ``beta m + (1 - beta) g``;
-  polar approximation by 5 quintic steps; scale sqrt(max(1, fan_out/fan_in));
-  decoupled weight decay ``lr * wd * W``; ``W <- W - lr * (update + wd W)``.
-  Returns the list of parameters after every step.
-  """
+def _run(params, grads_per_step, *, lr, beta, weight_decay, nesterov, steps,
+         normalize=None):
+  """Muon's loop; ``normalize(i, O)`` is an optional stage after the polar step."""
   params = [np.asarray(p, np.float64) for p in params]
   moms = [np.zeros_like(p) for p in params]
   history = []
@@ -46,12 +40,27 @@ def muon_run(params, grads_per_step, *, lr, beta=0.95, weight_decay=0.0,
       moms[i] = beta * moms[i] + (1 - beta) * g
       u = beta * moms[i] + (1 - beta) * g if nesterov else moms[i]
       o = newton_schulz(u, [MUON_ABC] * steps)
+      if normalize is not None:
+        o = normalize(i, o)
       fan_in, fan_out = w.shape
       o = o * np.sqrt(max(1.0, fan_out / fan_in))
       new.append(w - lr * (o + weight_decay * w))
     params = new
     history.append(params)
   return history
+
+
+def muon_run(params, grads_per_step, *, lr, beta=0.95, weight_decay=0.0,
+             nesterov=True, steps=5):
+  """Muon on a list of 2-D matrices over several steps (Jordan 2024).
+
+  ``m <- beta m + (1 - beta) g``; Nesterov input ``beta m + (1 - beta) g``;
+  polar approximation by 5 quintic steps; scale sqrt(max(1, fan_out/fan_in));
+  decoupled weight decay ``lr * wd * W``; ``W <- W - lr * (update + wd W)``.
+  Returns the list of parameters after every step.
+  """
+  return _run(params, grads_per_step, lr=lr, beta=beta,
+              weight_decay=weight_decay, nesterov=nesterov, steps=steps)
 
 
 def normuon_run(params, grads_per_step, *, lr, beta=0.95, beta2=0.95,
@@ -63,24 +72,14 @@ def normuon_run(params, grads_per_step, *, lr, beta=0.95, beta2=0.95,
   ``O' = O / (sqrt(v) + eps)``, rescaled to ``||O||_F``, then Muon's shape
   scale, decay and step.
   """
-  params = [np.asarray(p, np.float64) for p in params]
-  moms = [np.zeros_like(p) for p in params]
-  nus = [np.zeros(p.shape[1]) for p in params]
-  history = []
-  for grads in grads_per_step:
-    new = []
-    for i, (w, g) in enumerate(zip(params, grads)):
-      g = np.asarray(g, np.float64)
-      moms[i] = beta * moms[i] + (1 - beta) * g
-      u = beta * moms[i] + (1 - beta) * g
-      o = newton_schulz(u, [MUON_ABC] * steps)
-      norm = np.linalg.norm(o)
-      nus[i] = beta2 * nus[i] + (1 - beta2) * np.mean(o * o, axis=0)
-      o2 = o / (np.sqrt(nus[i])[None, :] + eps)
-      o2 = o2 * norm / np.linalg.norm(o2)
-      fan_in, fan_out = w.shape
-      o2 = o2 * np.sqrt(max(1.0, fan_out / fan_in))
-      new.append(w - lr * (o2 + weight_decay * w))
-    params = new
-    history.append(params)
-  return history
+  nus = {}
+
+  def normalize(i, o):
+    stat = np.mean(o * o, axis=0)
+    nus[i] = beta2 * nus.get(i, np.zeros_like(stat)) + (1 - beta2) * stat
+    o2 = o / (np.sqrt(nus[i])[None, :] + eps)
+    return o2 * np.linalg.norm(o) / np.linalg.norm(o2)
+
+  return _run(params, grads_per_step, lr=lr, beta=beta,
+              weight_decay=weight_decay, nesterov=True, steps=steps,
+              normalize=normalize)
