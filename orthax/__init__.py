@@ -3,10 +3,11 @@
 from optax.contrib import MuonDimensionNumbers
 
 from orthax import labels, polar
-from orthax.optimizers import muon, normuon
+from orthax.optimizers import muon, normuon, pion
 from orthax.transforms.momentum import MomentumState, momentum
 from orthax.transforms.neuron_normalize import NeuronNormalizeState, neuron_normalize
 from orthax.transforms.orthogonalize import orthogonalize
+from orthax.transforms.rotate import RotateState, spectrum_drift, spectrum_preserving_rotate
 from orthax.transforms.shape import scale_by_shape
 
 __version__ = "0.1.0"
@@ -21,6 +22,10 @@ __all__ = [
     "neuron_normalize",
     "normuon",
     "orthogonalize",
+    "pion",
     "polar",
+    "RotateState",
     "scale_by_shape",
+    "spectrum_drift",
+    "spectrum_preserving_rotate",
 ]

@@ -11,25 +11,32 @@ from orthax.matrices import DimensionNumbersSpec
 from orthax.transforms.momentum import momentum
 from orthax.transforms.neuron_normalize import neuron_normalize
 from orthax.transforms.orthogonalize import orthogonalize
+from orthax.transforms.rotate import spectrum_preserving_rotate
 from orthax.transforms.shape import scale_by_shape
 
-__all__ = ["muon", "normuon"]
+__all__ = ["muon", "normuon", "pion"]
 
 
-def _with_adamw(
-    matrix_tx: optax.GradientTransformation, *,
-    learning_rate: optax.ScalarOrSchedule, weight_decay: float,
-    weight_decay_mask: Any, dimension_numbers: DimensionNumbersSpec,
-    label_fn: LabelSpec, adam_learning_rate: optax.ScalarOrSchedule | None,
-    adam_b1: float, adam_b2: float, adam_eps: float,
-    adam_weight_decay: float, mu_dtype,
-) -> optax.GradientTransformation:
-  """Completes ``matrix_tx`` with decay and step size, and routes leaves."""
-  matrices = optax.chain(
+def _descent(matrix_tx: optax.GradientTransformation, *,
+             learning_rate: optax.ScalarOrSchedule, weight_decay: float,
+             weight_decay_mask: Any) -> optax.GradientTransformation:
+  """``matrix_tx`` followed by decoupled weight decay and the step size."""
+  return optax.chain(
       matrix_tx,
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _with_adamw(
+    matrices: optax.GradientTransformation, *,
+    learning_rate: optax.ScalarOrSchedule,
+    dimension_numbers: DimensionNumbersSpec,
+    label_fn: LabelSpec, adam_learning_rate: optax.ScalarOrSchedule | None,
+    adam_b1: float, adam_b2: float, adam_eps: float,
+    adam_weight_decay: float, mu_dtype,
+) -> optax.GradientTransformation:
+  """Routes hidden matrices to ``matrices`` and every other leaf to AdamW."""
   adamw = optax.adamw(
       learning_rate if adam_learning_rate is None else adam_learning_rate,
       b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay,
@@ -115,16 +122,15 @@ def muon(
     2024, https://kellerjordan.github.io/posts/muon/
   """
   return _with_adamw(
-      optax.chain(
+      _descent(optax.chain(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
           orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
                         compute_dtype=compute_dtype,
                         dimension_numbers=dimension_numbers),
           scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
-      ),
-      learning_rate=learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
-      dimension_numbers=dimension_numbers, label_fn=label_fn,
+      ), learning_rate=learning_rate, weight_decay=weight_decay,
+          weight_decay_mask=weight_decay_mask),
+      learning_rate=learning_rate, dimension_numbers=dimension_numbers, label_fn=label_fn,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype)
@@ -183,7 +189,7 @@ def normuon(
     arXiv:2510.05491
   """
   return _with_adamw(
-      optax.chain(
+      _descent(optax.chain(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
           orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
                         compute_dtype=compute_dtype,
@@ -191,10 +197,71 @@ def normuon(
           neuron_normalize(beta2, neuron_eps, axis=neuron_axis,
                            dimension_numbers=dimension_numbers),
           scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
-      ),
-      learning_rate=learning_rate, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
-      dimension_numbers=dimension_numbers, label_fn=label_fn,
+      ), learning_rate=learning_rate, weight_decay=weight_decay,
+          weight_decay_mask=weight_decay_mask),
+      learning_rate=learning_rate, dimension_numbers=dimension_numbers, label_fn=label_fn,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype)
+
+
+def pion(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    rms_scale: float = 0.2,
+    expm: str = "taylor2",
+    sides: str = "both",
+    moments_dtype=None,
+    restore_every: int | None = None,
+    dimension_numbers: DimensionNumbersSpec = None,
+    label_fn: LabelSpec = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.999,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+  """Pion: spectrum-preserving rotations for hidden matrices, AdamW for the rest.
+
+  Hidden matrices (the same labels as :func:`orthax.muon`) are updated by
+  :func:`orthax.spectrum_preserving_rotate` (no weight decay: it would change
+  the spectrum that Pion keeps); every other leaf by :func:`optax.adamw`.
+  ``update`` needs the params.
+
+  Args:
+    learning_rate: Pion's step size (float or schedule); the first-order
+      update of each matrix has RMS ``learning_rate * rms_scale``.
+    b1, b2, eps, rms_scale, expm, sides, moments_dtype, restore_every: see
+      :func:`orthax.spectrum_preserving_rotate`.
+    dimension_numbers: specs for ndim>2 leaves.
+    label_fn: override of the hidden-matrix rule (:mod:`orthax.labels`).
+    adam_learning_rate: AdamW's learning rate; ``None`` uses
+      ``learning_rate``.
+    adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW's settings.
+
+  Returns:
+    An :class:`optax.GradientTransformation` (an ``optax.partition``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, orthax
+    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
+    ...           'b': jnp.zeros(64)}
+    >>> opt = orthax.pion(learning_rate=0.02, adam_learning_rate=3e-3)
+    >>> updates, state = opt.update(params, opt.init(params), params)
+
+  References:
+    Shi, Li, Qiu, Wen, Buchholz, Liu, Pion: a spectrum-preserving optimizer
+    based on orthogonal equivalence transformation, 2026, arXiv:2605.12492
+  """
+  return _with_adamw(
+      spectrum_preserving_rotate(
+          learning_rate, b1=b1, b2=b2, eps=eps, rms_scale=rms_scale,
+          expm=expm, sides=sides, moments_dtype=moments_dtype,
+          restore_every=restore_every, dimension_numbers=dimension_numbers),
+      learning_rate=learning_rate, dimension_numbers=dimension_numbers,
+      label_fn=label_fn, adam_learning_rate=adam_learning_rate,
+      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
+      adam_weight_decay=adam_weight_decay, mu_dtype=None)

@@ -83,3 +83,45 @@ def normuon_run(params, grads_per_step, *, lr, beta=0.95, beta2=0.95,
   return _run(params, grads_per_step, lr=lr, beta=beta,
               weight_decay=weight_decay, nesterov=True, steps=steps,
               normalize=normalize)
+
+
+def pion_run(w, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-8,
+             rms_scale=0.2, expm="taylor2", left=True, right=True):
+  """Pion (Shi et al. 2026) on one 2-D matrix; returns W after every step.
+
+  G_l = g W^T - W g^T, G_r = W^T g - g^T W; Adam moments per side without
+  bias correction; A = -m / (sqrt(v) + eps); alpha = rms_scale sqrt(mn) /
+  (||A_l W + W A_r||_F + eps); W <- E(h A_l) W E(h A_r), h = lr alpha.
+  """
+  w = np.asarray(w, np.float64)
+  m, n = w.shape
+  mom = {"l": [np.zeros((m, m)), np.zeros((m, m))],
+         "r": [np.zeros((n, n)), np.zeros((n, n))]}
+
+  def rotation(a, h):
+    eye = np.eye(a.shape[0])
+    if expm == "taylor2":
+      return eye + h * a + 0.5 * (h * a) @ (h * a)
+    if expm == "cayley":
+      return np.linalg.inv(eye - 0.5 * h * a) @ (eye + 0.5 * h * a)
+    raise ValueError(expm)
+
+  history = []
+  for g in grads_per_step:
+    g = np.asarray(g, np.float64)
+    a = {}
+    for side, on, gs in (("l", left, g @ w.T - w @ g.T),
+                         ("r", right, w.T @ g - g.T @ w)):
+      if not on:
+        continue
+      mom[side][0] = b1 * mom[side][0] + (1 - b1) * gs
+      mom[side][1] = b2 * mom[side][1] + (1 - b2) * gs * gs
+      a[side] = -mom[side][0] / (np.sqrt(mom[side][1]) + eps)
+    first = a.get("l", np.zeros((m, m))) @ w + w @ a.get("r", np.zeros((n, n)))
+    h = lr * rms_scale * np.sqrt(m * n) / (np.linalg.norm(first) + eps)
+    if "l" in a:
+      w = rotation(a["l"], h) @ w
+    if "r" in a:
+      w = w @ rotation(a["r"], h)
+    history.append(w)
+  return history
