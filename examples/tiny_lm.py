@@ -46,7 +46,9 @@ __all__ = [
     "train",
 ]
 
-OPTIMIZERS = ("adamw", "muon", "normuon")
+OPTIMIZERS = ("adamw", "muon", "normuon", "pion")
+# What the script compares by default (the Quickstart); pion on request.
+DEFAULT_COMPARISON = ("adamw", "muon", "normuon")
 VOCAB_SIZE = 256  # bytes
 
 # Hyper-parameters, chosen by sweeps at the default Config and 300 steps
@@ -65,7 +67,8 @@ VOCAB_SIZE = 256  # bytes
 # The AdamW part of Muon and NorMuon (embeddings, head, norms, biases) uses
 # AdamW's rate and betas, so the only difference from the baseline is the
 # update of the hidden matrices.
-LEARNING_RATES = {"adamw": 3e-3, "muon": 0.02, "normuon": 0.02}
+PION_LR = 0.05
+LEARNING_RATES = {"adamw": 3e-3, "muon": 0.02, "normuon": 0.02, "pion": PION_LR}
 ADAM_B1, ADAM_B2 = 0.7, 0.95
 # No weight decay anywhere: a run sees a fraction of one epoch of the corpus,
 # so there is nothing to regularize, and the comparison stays about the
@@ -262,7 +265,7 @@ def _loss(model: GPT, batch: jax.Array) -> jax.Array:
 def make_optimizer(name: str, steps: int, config: Config = Config(), *,
                    learning_rate: float | None = None,
                    ) -> optax.GradientTransformation:
-  """``adamw``, ``muon`` or ``normuon`` with this example's hyper-parameters.
+  """``adamw``, ``muon``, ``normuon`` or ``pion`` with this example's settings.
 
   All three use the same schedule shape: linear warmup over
   ``config.warmup_frac`` of the steps, then cosine decay to
@@ -291,10 +294,11 @@ def make_optimizer(name: str, steps: int, config: Config = Config(), *,
                 else learning_rate)
   if name == "adamw":
     return optax.adamw(lr, b1=ADAM_B1, b2=ADAM_B2, weight_decay=WEIGHT_DECAY)
-  return getattr(orthax, name)(
-      lr, weight_decay=WEIGHT_DECAY,
-      adam_learning_rate=schedule(LEARNING_RATES["adamw"]),
-      adam_b1=ADAM_B1, adam_b2=ADAM_B2)
+  adam = dict(adam_learning_rate=schedule(LEARNING_RATES["adamw"]),
+              adam_b1=ADAM_B1, adam_b2=ADAM_B2)
+  if name == "pion":  # rotations keep the spectrum: no weight decay
+    return orthax.pion(lr, **adam)
+  return getattr(orthax, name)(lr, weight_decay=WEIGHT_DECAY, **adam)
 
 
 # ---------------------------------------------------------------------------
@@ -429,9 +433,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument("--steps", type=int, default=300,
                       help="training steps per optimizer (default: 300, "
                            "about 2 minutes for all three on 2 CPU cores)")
-  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+  parser.add_argument("--optimizers", default=",".join(DEFAULT_COMPARISON),
                       help="comma-separated subset of "
-                           f"{','.join(OPTIMIZERS)} (default: all)")
+                           f"{','.join(OPTIMIZERS)} (default: "
+                           f"{','.join(DEFAULT_COMPARISON)})")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", type=Path, default=Path("runs/quickstart"),
                       help="directory for metrics.json and val_loss.png")

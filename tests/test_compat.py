@@ -6,6 +6,8 @@ the transforms applied by hand, NumPy's SVD, a plain optax run, ...
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,7 +206,7 @@ def test_inject_hyperparams_follows_schedule(factory):
     _close(u, jax.tree.map(lambda x: lr * x, u1))
 
 
-@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon])
+@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion])
 def test_jit_update_equals_eager(factory):
   tx = factory(0.05)
   params = _mixed(0)
@@ -218,7 +220,7 @@ def test_jit_update_equals_eager(factory):
     _close(jit_state, eager_state)
 
 
-@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon])
+@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion])
 def test_vmap_update_equals_loop(factory):
   tx, n = factory(0.05), 3
   problems = [_mixed(100 * i) for i in range(n)]
@@ -289,7 +291,9 @@ def test_nnx_optimizer_with_muon():
 # Orbax
 
 
-@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon])
+@pytest.mark.parametrize("factory", [
+    orthax.muon, orthax.normuon, orthax.pion,
+    functools.partial(orthax.pion, sides="smaller", restore_every=2)])
 def test_orbax_resume_is_bit_identical(factory, tmp_path):
   tx = factory(0.02, adam_learning_rate=1e-2)
   tokens, target = jnp.arange(10), _normal(99, (10, 4))
