@@ -158,3 +158,26 @@ def test_pion_optimizer_routes_and_injects():
   # the rest is AdamW: first step -lr * sign(g)
   np.testing.assert_allclose(u["b"], -1e-3 * np.sign(grads["b"]), rtol=1e-4)
   assert state.hyperparams["learning_rate"] == pytest.approx(0.02)
+
+
+def test_zero_gradient_moments_dtype_and_chain():
+  rng = np.random.default_rng(9)
+  w = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+  tx = orthax.spectrum_preserving_rotate(LR)
+  u, _ = tx.update({"w": jnp.zeros_like(w)}, tx.init({"w": w}), {"w": w})
+  np.testing.assert_array_equal(u["w"], 0.0)  # no rotation, no NaN
+  g = {"w": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)}
+  # bf16 moments: state in bf16, the update close to the f32 one
+  bf = orthax.spectrum_preserving_rotate(LR, moments_dtype=jnp.bfloat16)
+  state = bf.init({"w": w})
+  assert state.nu_right["w"].dtype == jnp.bfloat16
+  u_bf, state = bf.update(g, state, {"w": w})
+  assert state.mu_left["w"].dtype == jnp.bfloat16
+  u32, _ = tx.update(g, tx.init({"w": w}), {"w": w})
+  np.testing.assert_allclose(u_bf["w"], u32["w"], rtol=0.02, atol=1e-4)
+  # inside optax.chain after gradient clipping: params reach it
+  chained = optax.chain(optax.clip_by_global_norm(1.0), tx)
+  u_c, _ = chained.update(g, chained.init({"w": w}), {"w": w})
+  clipped = jax.tree.map(lambda x: x / jnp.linalg.norm(x), g)
+  u_ref, _ = tx.update(clipped, tx.init({"w": w}), {"w": w})
+  np.testing.assert_allclose(u_c["w"], u_ref["w"], rtol=1e-5, atol=1e-7)
