@@ -230,3 +230,26 @@ def test_flax_nnx_gpt_labels():
                    ("attn", "value"), ("mlp", "down"), ("mlp", "up")])
   assert got["['token_embed']['embedding'].value"] == ADAMW
   assert got["['lm_head']['kernel'].value"] == ADAMW
+
+
+@pytest.mark.parametrize("coeffs", ["muon", "svd"])
+def test_stacked_equals_leaf_by_leaf(coeffs):
+  """Same-shape leaves (and transposed shapes) run as one batch, same numbers."""
+  tree = {"a": _rand(20, (16, 24)), "b": _rand(21, (24, 16)),
+          "c": _rand(22, (3, 16, 24)), "d": _rand(23, (8, 8)),
+          "e": _rand(24, (16, 24)).astype(jnp.bfloat16)}
+  dims = {"a": None, "b": None, "c": DIMS(1, 2), "d": None, "e": None}
+  tx = orthax.orthogonalize(coeffs=coeffs, dimension_numbers=dims)
+  out = jax.jit(lambda t: tx.update(t, None)[0])(tree)
+  for k, x in tree.items():
+    one = orthax.orthogonalize(coeffs=coeffs, dimension_numbers=dims[k])
+    want = jax.jit(lambda t: one.update(t, None)[0])({k: x})[k]
+    assert out[k].dtype == x.dtype and out[k].shape == x.shape
+    tol = 2e-2 if x.dtype == jnp.bfloat16 else 2e-6
+    np.testing.assert_allclose(np.asarray(out[k], np.float32),
+                               np.asarray(want, np.float32), atol=tol)
+  # one call for the 16x24 family: a, b (transposed) and c's 3 slices
+  jaxpr = jax.make_jaxpr(lambda t: tx.update(t, None)[0])(tree)
+  batches = {tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns
+             for v in e.outvars if len(v.aval.shape) == 3}
+  assert (5, 16, 24) in batches, batches

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from orthax.matrices import DimensionNumbersSpec, map_matrices
+from orthax.matrices import DimensionNumbersSpec, MatrixView, matrix_views
 from orthax.polar.coefficients import resolve_coefficients
 from orthax.polar.newton_schulz import newton_schulz
 from orthax.polar.reference import polar_svd
@@ -18,6 +19,35 @@ __all__ = ["orthogonalize"]
 
 _BACKENDS = ("auto", "xla")
 _PRECONDITIONINGS = ("frobenius",)
+
+
+def _stacked(polar: Callable[[jax.Array], jax.Array],
+             views: list[MatrixView], leaves: list[jax.Array]) -> list[jax.Array]:
+  """Applies ``polar`` to every leaf's matrices, one call per shape group.
+
+  Each leaf becomes its ``(batch, fan_in, fan_out)`` stack, tall stacks are
+  transposed to wide, and stacks of equal ``(rows, cols, dtype)`` are
+  concatenated along the batch axis. The polar factor commutes with the
+  transpose and acts on each matrix on its own, so the result equals the
+  leaf-by-leaf one.
+  """
+  wide = []
+  for view, x in zip(views, leaves):
+    m = view.to_matrices(x)
+    tall = view.fan_in > view.fan_out
+    wide.append((jnp.swapaxes(m, -1, -2) if tall else m, tall))
+  groups: dict[tuple, list[int]] = {}
+  for i, (m, _) in enumerate(wide):
+    groups.setdefault((m.shape[1:], m.dtype), []).append(i)
+  out: list[Any] = [None] * len(leaves)
+  for members in groups.values():
+    result = polar(jnp.concatenate([wide[i][0] for i in members]))
+    offsets = np.cumsum([0] + [wide[i][0].shape[0] for i in members])
+    for i, start, stop in zip(members, offsets[:-1], offsets[1:]):
+      q = result[start:stop]
+      q = jnp.swapaxes(q, -1, -2) if wide[i][1] else q
+      out[i] = views[i].from_matrices(q)
+  return out
 
 
 def orthogonalize(
@@ -42,7 +72,10 @@ def orthogonalize(
   factor (a reference, costly beyond small matrices).
 
   Tall matrices are iterated through their transpose, so the Gram products
-  are ``min(fan_in, fan_out)`` square. A zero matrix maps to zero (never NaN);
+  are ``min(fan_in, fan_out)`` square; matrices of the same shape (a tall
+  one joins its transpose's group) and dtype, across leaves and batch axes,
+  run as one stacked batch, so a model's many same-shape layers cost one
+  call rather than one each. A zero matrix maps to zero (never NaN);
   NaN or Inf in the input gives NaN out: wrap the optimizer in
   :func:`optax.apply_if_finite` to skip such steps.
 
@@ -123,10 +156,8 @@ def orthogonalize(
 
   def update_fn(updates, state, params=None):
     del params
-    out = map_matrices(
-        lambda view, g: view.from_matrices(polar(view.to_matrices(g))),
-        updates, dimension_numbers=dimension_numbers,
-        transform="orthax.orthogonalize")
-    return out, state
+    views = matrix_views(updates, dimension_numbers, "orthax.orthogonalize")
+    leaves, treedef = jax.tree.flatten(updates)
+    return treedef.unflatten(_stacked(polar, views, leaves)), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
