@@ -1,0 +1,166 @@
+"""Benchmark: orthax.orthogonalize against optax's Newton–Schulz, as ratios.
+
+For each matrix set (the hidden matrices of one GPT-2 small or medium layer)
+and each orthax method/preset, times one jitted orthogonalization of the
+whole set and reports, in the same process:
+
+* ``vs optax default``: time / optax's default path (Jordan's quintic as one
+  ``(3,)`` triple, 5 unrolled steps);
+* ``vs optax scan``: time / optax's ``lax.scan`` path (the same coefficients
+  given per step, shape ``(5, 3)``);
+* ``vs matmul``: time / a square matmul of the same FLOPs as the method's
+  Newton–Schulz products (the machine's limit; ``-`` for SVD);
+* ``quality``: worst ``|s - 1|`` over the singular values of the output after
+  dropping the lowest 10%, on gradients with a decaying spectrum
+  (``s_i ∝ 1 / (1 + i)``, as real gradients have).
+
+Prints a table and writes JSON. Absolute times on shared CPUs mean little;
+the ratios are taken within one run. ``--quick`` uses tiny shapes and one
+repetition (the test suite runs it).
+
+  python benchmarks/orthogonalize.py [--quick] [--sets small,medium] \
+      [--out runs/bench/orthogonalize.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from optax.contrib import _muon as optax_muon
+
+import orthax
+from orthax.polar import PRESETS
+
+# (fan_in, fan_out) of one transformer layer's hidden matrices: qkv, proj,
+# MLP up, MLP down.
+SETS = {
+    "small": [(768, 2304), (768, 768), (768, 3072), (3072, 768)],
+    "medium": [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)],
+    "quick": [(32, 96), (32, 32), (32, 128), (128, 32)],
+}
+METHODS = ["muon", "polar_express", "you", "svd"]
+MUON_ABC = PRESETS["muon"].coeffs[0]
+
+
+def newton_schulz_flops(shapes, steps: int = 5) -> float:
+  """FLOPs of ``steps`` Newton–Schulz steps on each (wide-oriented) matrix."""
+  total = 0.0
+  for fi, fo in shapes:
+    m, n = min(fi, fo), max(fi, fo)
+    total += steps * (4 * m * m * n + 2 * m**3)
+  return total
+
+
+def decaying_gradients(shapes, seed: int = 0) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(seed)
+  out = {}
+  for i, (fi, fo) in enumerate(shapes):
+    k = min(fi, fo)
+    u, _ = np.linalg.qr(rng.normal(size=(fi, k)))
+    v, _ = np.linalg.qr(rng.normal(size=(fo, k)))
+    s = 1.0 / (1.0 + np.arange(k))
+    out[f"m{i}_{fi}x{fo}"] = jnp.asarray((u * s) @ v.T, jnp.float32)
+  return out
+
+
+def quality(tree) -> float:
+  worst = 0.0
+  for x in jax.tree.leaves(tree):
+    s = np.sort(np.linalg.svd(np.asarray(x, np.float64), compute_uv=False))
+    kept = s[int(0.1 * len(s)):]
+    worst = max(worst, float(np.max(np.abs(kept - 1.0))))
+  return worst
+
+
+def timeit(fn, arg, reps: int) -> float:
+  jax.block_until_ready(fn(arg))  # compile and warm up
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(arg))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def run(set_names, reps: int) -> list[dict]:
+  rows = []
+  for name in set_names:
+    shapes = SETS[name]
+    grads = decaying_gradients(shapes)
+    optax_default = jax.jit(lambda t: jax.tree.map(
+        lambda x: optax_muon.orthogonalize_via_newton_schulz(
+            x, jnp.asarray(MUON_ABC), 5), t))
+    optax_scan = jax.jit(lambda t: jax.tree.map(
+        lambda x: optax_muon.orthogonalize_via_newton_schulz(
+            x, jnp.asarray(PRESETS["muon"].coeffs), 5), t))
+    flops = newton_schulz_flops(shapes)
+    k = int(round((flops / 2) ** (1 / 3)))
+    square = jnp.ones((k, k), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    t_default = timeit(optax_default, grads, reps)
+    t_scan = timeit(optax_scan, grads, reps)
+    t_matmul = timeit(matmul, square, reps)
+    rows.append(dict(set=name, method="optax default", time_s=t_default,
+                     vs_optax_default=1.0, vs_optax_scan=t_default / t_scan,
+                     vs_matmul=t_default / t_matmul,
+                     quality=quality(optax_default(grads))))
+    rows.append(dict(set=name, method="optax scan", time_s=t_scan,
+                     vs_optax_default=t_scan / t_default, vs_optax_scan=1.0,
+                     vs_matmul=t_scan / t_matmul,
+                     quality=quality(optax_scan(grads))))
+    for method in METHODS:
+      tx = orthax.orthogonalize(coeffs=method)
+      fn = jax.jit(lambda t, tx=tx: tx.update(t, None)[0])
+      t = timeit(fn, grads, reps)
+      rows.append(dict(
+          set=name, method=f"orthax {method}", time_s=t,
+          vs_optax_default=t / t_default, vs_optax_scan=t / t_scan,
+          vs_matmul=None if method == "svd" else t / t_matmul,
+          quality=quality(fn(grads))))
+  return rows
+
+
+def print_table(rows) -> None:
+  header = (f"{'set':8} {'method':22} {'time s':>9} {'vs optax default':>17} "
+            f"{'vs optax scan':>14} {'vs matmul':>10} {'quality':>9}")
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    vm = "-" if r["vs_matmul"] is None else f"{r['vs_matmul']:.2f}"
+    print(f"{r['set']:8} {r['method']:22} {r['time_s']:9.4f} "
+          f"{r['vs_optax_default']:17.2f} {r['vs_optax_scan']:14.2f} "
+          f"{vm:>10} {r['quality']:9.3f}")
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny shapes, one repetition (smoke test)")
+  parser.add_argument("--sets", default="small,medium")
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--out", type=Path,
+                      default=Path("runs/bench/orthogonalize.json"))
+  args = parser.parse_args(argv)
+  sets = ["quick"] if args.quick else args.sets.split(",")
+  unknown = sorted(set(sets) - set(SETS))
+  if unknown:
+    parser.error(f"unknown sets {unknown}; choose from {sorted(SETS)}")
+  rows = run(sets, 1 if args.quick else args.reps)
+  print_table(rows)
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(dict(
+      devices=[str(d) for d in jax.devices()], jax=jax.__version__,
+      rows=rows), indent=1))
+  print(f"wrote {args.out}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
