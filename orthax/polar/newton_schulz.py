@@ -55,8 +55,32 @@ def _scan_step(x: jax.Array, abc: jax.Array) -> tuple[jax.Array, None]:
   return _step(x, abc), None
 
 
+def _gram_segment(x: jax.Array, table: jax.Array) -> jax.Array:
+  """Steps of ``table`` on a wide ``x``, iterated on its Gram matrix.
+
+  Every step's ``X_k`` is ``Q_k X_0`` with ``Q_k`` a polynomial of
+  ``G = X_0 X_0^T``, so all ``m×m`` matrices commute: with
+  ``P = a I + b A + c A^2``, ``Q <- P Q`` and ``A = X_k X_k^T <- P^2 A``. The
+  ``m×n`` matrix is touched twice (``G`` and ``Q X_0``) instead of twice per
+  step.
+  """
+  acc = table.dtype
+  mm = lambda p, q: jnp.matmul(p, q, preferred_element_type=acc)
+  gram = mm(x, jnp.swapaxes(x, -1, -2))
+  eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=acc), gram.shape)
+
+  def body(carry, abc):
+    q, a = carry
+    poly = abc[0] * eye + abc[1] * a + abc[2] * mm(a, a)
+    return (mm(poly, q), mm(mm(poly, poly), a)), None
+
+  (q, _), _ = jax.lax.scan(body, (eye, gram), table)
+  return mm(q.astype(x.dtype), x).astype(x.dtype)
+
+
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
-                  eps: float = 1e-7, compute_dtype=None) -> jax.Array:
+                  eps: float = 1e-7, compute_dtype=None, gram: bool = False,
+                  gram_restart: int | None = 2) -> jax.Array:
   """Approximate polar factor of each matrix in ``x`` (last two axes).
 
   Args:
@@ -69,6 +93,14 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
       zero.
     compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``); ``None``
       uses ``x.dtype``. The result is returned in ``x.dtype``.
+    gram: iterate on the ``min(m, n)`` Gram matrix (Gram Newton–Schulz,
+      Dao-AILab 2025): per step ``8 m^3`` FLOPs instead of ``4 m^2 n + 2 m^3``
+      plus ``4 m^2 n`` once, fewer when ``max/min > 1.875`` (5 steps). Rounding
+      in ``Q`` grows for small singular values, so the iteration restarts
+      from ``X = Q X_0`` after ``gram_restart`` steps.
+    gram_restart: steps before the restart (``None``: never). Measured on
+      768×2304 f32 with a decaying spectrum: max entry error vs float64 6e-6
+      with a restart after 2 steps, 4e-4 without (plain iteration: 3e-6).
 
   Returns:
     An array like ``x`` whose singular values have been pushed towards 1 (the
@@ -83,7 +115,13 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
   x = frobenius_normalize(x, margin=norm_margin, eps=eps).astype(dtype)
   table = jnp.asarray(np.asarray(coeffs),
                       dtype=jnp.promote_types(dtype, jnp.float32))
-  x, _ = jax.lax.scan(_scan_step, x, table)
+  if gram:
+    cut = table.shape[0] if gram_restart is None else gram_restart
+    for segment in (table[:cut], table[cut:]):
+      if segment.shape[0]:
+        x = _gram_segment(x, segment)
+  else:
+    x, _ = jax.lax.scan(_scan_step, x, table)
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   return x.astype(out_dtype)

@@ -59,6 +59,7 @@ def orthogonalize(
     compute_dtype=None,
     dimension_numbers: DimensionNumbersSpec = None,
     backend: str = "auto",
+    gram: bool = False,
 ) -> optax.GradientTransformation:
   r"""Replaces each matrix leaf by (an approximation of) its polar factor.
 
@@ -101,6 +102,10 @@ def orthogonalize(
       reduction nor output axes are batch axes: each slice is orthogonalized
       on its own.
     backend: ``"auto"`` or ``"xla"`` (the iteration as XLA matmuls).
+    gram: Gram Newton–Schulz (see :func:`orthax.polar.newton_schulz`): the
+      same polynomial, iterated on the small Gram matrix with one restart;
+      0.75–0.9× the time of the plain iteration on 768×2304 and 768×3072
+      (2 CPU cores), slower on square matrices. Off by default for now.
 
   Returns:
     A stateless :class:`optax.GradientTransformation`.
@@ -152,7 +157,7 @@ def orthogonalize(
 
     def polar(x):
       return newton_schulz(x, table, norm_margin=margin, eps=eps,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, gram=gram)
 
   def update_fn(updates, state, params=None):
     del params
