@@ -130,7 +130,8 @@ def muon(
           scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
       ), learning_rate=learning_rate, weight_decay=weight_decay,
           weight_decay_mask=weight_decay_mask),
-      learning_rate=learning_rate, dimension_numbers=dimension_numbers, label_fn=label_fn,
+      learning_rate=learning_rate, dimension_numbers=dimension_numbers,
+      label_fn=label_fn,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype)
@@ -199,7 +200,8 @@ def normuon(
           scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
       ), learning_rate=learning_rate, weight_decay=weight_decay,
           weight_decay_mask=weight_decay_mask),
-      learning_rate=learning_rate, dimension_numbers=dimension_numbers, label_fn=label_fn,
+      learning_rate=learning_rate, dimension_numbers=dimension_numbers,
+      label_fn=label_fn,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype)

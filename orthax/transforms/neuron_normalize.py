@@ -19,8 +19,9 @@ class NeuronNormalizeState(NamedTuple):
 
   Attributes:
     nu: per leaf, the moving average of the mean square of each neuron's
-      update, in float32 (float64 for float64 params), of shape ``(batch, fan_out)`` (``axis="output"``) or
-      ``(batch, fan_in)`` (``axis="input"``), where ``batch`` is the product of
+      update, in float32 (float64 for float64 params), of shape
+      ``(batch, fan_out)`` (``axis="output"``) or ``(batch, fan_in)``
+      (``axis="input"``), where ``batch`` is the product of
       the leaf's batch axes (1 for a 2-D leaf).
   """
 
@@ -67,7 +68,8 @@ def neuron_normalize(
 
   Returns:
     An :class:`optax.GradientTransformation` whose state holds one float32
-    (or float64) vector per matrix (``fan_out`` or ``fan_in`` entries per batch slice).
+    (or float64) vector per matrix (``fan_out`` or ``fan_in`` entries per
+    batch slice).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, orthax
@@ -88,7 +90,8 @@ def neuron_normalize(
 
   def init_leaf(view, p):
     size = view.fan_out if _neuron_axis(view, axis) == 2 else view.fan_in
-    return jnp.zeros((view.batch, size), jnp.promote_types(p.dtype, jnp.float32))
+    return jnp.zeros((view.batch, size),
+                     jnp.promote_types(p.dtype, jnp.float32))
 
   def init_fn(params):
     return NeuronNormalizeState(nu=map_matrices(
