@@ -50,8 +50,11 @@ _SHARED_ARGS_DOC = """
     nesterov: Nesterov momentum.
     mu_dtype: dtype of the momentum (and of AdamW's first moment, as in
       ``optax.contrib.muon``); ``None`` follows the params.
-    coeffs: Newton–Schulz preset or coefficients (:func:`orthax.orthogonalize`).
+    coeffs: Newton–Schulz preset or coefficients (:func:`orthax.orthogonalize`);
+      ``"muon"`` gives Jordan's original quintic.
     steps: Newton–Schulz steps; ``None`` keeps the preset's.
+    gram: Gram Newton–Schulz: ``"auto"`` (where it saves FLOPs), ``True`` or
+      ``False`` (:func:`orthax.orthogonalize`).
     eps: Newton–Schulz normalization epsilon.
     compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``).
     shape_scale: ``"muon"`` or ``"rms"`` (:func:`orthax.scale_by_shape`).
@@ -76,8 +79,9 @@ def muon(
     beta: float = 0.95,
     nesterov: bool = True,
     mu_dtype=None,
-    coeffs: str | Any = "muon",
+    coeffs: str | Any = "polar_express",
     steps: int | None = None,
+    gram: bool | str = "auto",
     eps: float = 1e-7,
     compute_dtype=None,
     shape_scale: str = "muon",
@@ -125,7 +129,7 @@ def muon(
       _descent(optax.chain(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
           orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
-                        compute_dtype=compute_dtype,
+                        compute_dtype=compute_dtype, gram=gram,
                         dimension_numbers=dimension_numbers),
           scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
       ), learning_rate=learning_rate, weight_decay=weight_decay,
@@ -146,8 +150,9 @@ def normuon(
     neuron_axis: str = "output",
     nesterov: bool = True,
     mu_dtype=None,
-    coeffs: str | Any = "muon",
+    coeffs: str | Any = "polar_express",
     steps: int | None = None,
+    gram: bool | str = "auto",
     eps: float = 1e-7,
     compute_dtype=None,
     shape_scale: str = "muon",
@@ -193,7 +198,7 @@ def normuon(
       _descent(optax.chain(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
           orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
-                        compute_dtype=compute_dtype,
+                        compute_dtype=compute_dtype, gram=gram,
                         dimension_numbers=dimension_numbers),
           neuron_normalize(beta2, neuron_eps, axis=neuron_axis,
                            dimension_numbers=dimension_numbers),

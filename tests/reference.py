@@ -12,6 +12,17 @@ import numpy as np
 
 MUON_ABC = (3.4445, -4.7750, 2.0315)
 
+# Amsel et al. 2025 (arXiv:2505.16932), the 5-step list of public Muon code,
+# with its input normalization margin.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_MARGIN = 1.02
+
 
 def newton_schulz(g: np.ndarray, coeffs, *, margin: float = 1.0,
                   eps: float = 1e-7) -> np.ndarray:
@@ -28,7 +39,7 @@ def newton_schulz(g: np.ndarray, coeffs, *, margin: float = 1.0,
 
 
 def _run(params, grads_per_step, *, lr, beta, weight_decay, nesterov, steps,
-         normalize=None):
+         coeffs, margin, normalize=None):
   """Muon's loop; ``normalize(i, O)`` is an optional stage after the polar step."""
   params = [np.asarray(p, np.float64) for p in params]
   moms = [np.zeros_like(p) for p in params]
@@ -39,7 +50,8 @@ def _run(params, grads_per_step, *, lr, beta, weight_decay, nesterov, steps,
       g = np.asarray(g, np.float64)
       moms[i] = beta * moms[i] + (1 - beta) * g
       u = beta * moms[i] + (1 - beta) * g if nesterov else moms[i]
-      o = newton_schulz(u, [MUON_ABC] * steps)
+      table = [MUON_ABC] * steps if coeffs is None else coeffs
+      o = newton_schulz(u, table, margin=margin)
       if normalize is not None:
         o = normalize(i, o)
       fan_in, fan_out = w.shape
@@ -51,20 +63,23 @@ def _run(params, grads_per_step, *, lr, beta, weight_decay, nesterov, steps,
 
 
 def muon_run(params, grads_per_step, *, lr, beta=0.95, weight_decay=0.0,
-             nesterov=True, steps=5):
+             nesterov=True, steps=5, coeffs=None, margin=1.0):
   """Muon on a list of 2-D matrices over several steps (Jordan 2024).
 
   ``m <- beta m + (1 - beta) g``; Nesterov input ``beta m + (1 - beta) g``;
-  polar approximation by 5 quintic steps; scale sqrt(max(1, fan_out/fan_in));
+  polar approximation by 5 quintic steps (Jordan's, or the per-step table
+  ``coeffs`` with the normalization ``margin``); scale
+  sqrt(max(1, fan_out/fan_in));
   decoupled weight decay ``lr * wd * W``; ``W <- W - lr * (update + wd W)``.
   Returns the list of parameters after every step.
   """
   return _run(params, grads_per_step, lr=lr, beta=beta,
-              weight_decay=weight_decay, nesterov=nesterov, steps=steps)
+              weight_decay=weight_decay, nesterov=nesterov, steps=steps,
+              coeffs=coeffs, margin=margin)
 
 
 def normuon_run(params, grads_per_step, *, lr, beta=0.95, beta2=0.95,
-                eps=1e-10, weight_decay=0.0, steps=5):
+                eps=1e-10, weight_decay=0.0, steps=5, coeffs=None, margin=1.0):
   """NorMuon (Li et al. 2025) on a list of 2-D matrices over several steps.
 
   After Muon's orthogonalized momentum ``O``: ``v <- beta2 v + (1 - beta2) *
@@ -82,7 +97,7 @@ def normuon_run(params, grads_per_step, *, lr, beta=0.95, beta2=0.95,
 
   return _run(params, grads_per_step, lr=lr, beta=beta,
               weight_decay=weight_decay, nesterov=True, steps=steps,
-              normalize=normalize)
+              coeffs=coeffs, margin=margin, normalize=normalize)
 
 
 def pion_run(w, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-8,

@@ -102,6 +102,12 @@ def test_unknown_backend_preconditioning_mode_axis():
     orthax.orthogonalize(backend="triton")
   with pytest.raises(ValueError, match="preconditioning 'spectral'"):
     orthax.orthogonalize(preconditioning="spectral")
+  with pytest.raises(ValueError, match="gram must be True, False or 'auto', got 'yes'"):
+    orthax.orthogonalize(gram="yes")
+  with pytest.raises(ValueError, match="gram=True needs Newton-Schulz coefficients"):
+    orthax.orthogonalize(coeffs="svd", gram=True)
+  with pytest.raises(ValueError, match="gram_restart must be None or a positive"):
+    orthax.orthogonalize(gram_restart=0)
   with pytest.raises(ValueError, match="scale_by_shape mode 'adam'"):
     orthax.scale_by_shape("adam")
   with pytest.raises(ValueError, match="neuron_normalize axis 'rows'"):
@@ -233,7 +239,8 @@ def test_vector_through_muon(shape):
   nesterov = (1 - beta) * (1 + beta) * np.asarray(g, np.float64)  # first step
   norm = np.linalg.norm(nesterov)
   scale = np.sqrt(max(1.0, shape[1] / shape[0]))
-  want = -lr * (scale * _scalar_map(norm, "muon") * nesterov / norm + wd * np.asarray(p))
+  # orthax.muon's default coefficients are Polar Express's
+  want = -lr * (scale * _scalar_map(norm, "polar_express") * nesterov / norm + wd * np.asarray(p))
   np.testing.assert_allclose(u, want, rtol=2e-5, atol=1e-7)
 
 

@@ -89,31 +89,45 @@ def _run_reference(run, params, grads, **kw):
   return out
 
 
-def _muon_chain():
+# orthax's default coefficients (Polar Express), and Jordan's original
+# quintic. The reference runs the plain iteration; orthax takes the Gram path
+# (gram="auto") on every leaf but the square one.
+COEFFS = {
+    "polar_express": dict(coeffs=reference.POLAR_EXPRESS,
+                          margin=reference.POLAR_EXPRESS_MARGIN),
+    "muon": dict(coeffs=None, margin=1.0),
+}
+
+
+def _muon_chain(coeffs):
   dims = {k: spec for k, (_, spec) in SHAPES.items()}
   return optax.chain(
-      orthax.momentum(0.95), orthax.orthogonalize(dimension_numbers=dims),
+      orthax.momentum(0.95),
+      orthax.orthogonalize(coeffs=coeffs, dimension_numbers=dims),
       orthax.scale_by_shape(dimension_numbers=dims),
       optax.add_decayed_weights(WD), optax.scale(-LR))
 
 
-def _normuon_chain():
+def _normuon_chain(coeffs):
   dims = {k: spec for k, (_, spec) in SHAPES.items()}
   return optax.chain(
-      orthax.momentum(0.95), orthax.orthogonalize(dimension_numbers=dims),
+      orthax.momentum(0.95),
+      orthax.orthogonalize(coeffs=coeffs, dimension_numbers=dims),
       orthax.neuron_normalize(dimension_numbers=dims),
       orthax.scale_by_shape(dimension_numbers=dims),
       optax.add_decayed_weights(WD), optax.scale(-LR))
 
 
-def _normuon_optimizer():
+def _normuon_optimizer(coeffs):
   dims = {k: spec for k, (_, spec) in SHAPES.items()}
-  return orthax.normuon(LR, weight_decay=WD, dimension_numbers=dims)
+  return orthax.normuon(LR, weight_decay=WD, coeffs=coeffs,
+                        dimension_numbers=dims)
 
 
-def _muon_optimizer():
+def _muon_optimizer(coeffs):
   dims = {k: spec for k, (_, spec) in SHAPES.items()}
-  return orthax.muon(LR, weight_decay=WD, dimension_numbers=dims)
+  return orthax.muon(LR, weight_decay=WD, coeffs=coeffs,
+                     dimension_numbers=dims)
 
 
 CASES = {
@@ -132,22 +146,24 @@ def _compare(got, want, atol):
       np.testing.assert_allclose(s, w, atol=atol, rtol=0, err_msg=k)
 
 
+@pytest.mark.parametrize("coeffs", list(COEFFS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_float64_matches_reference(case):
+def test_float64_matches_reference(case, coeffs):
   make_tx, run, neuron_scales = CASES[case]
   with jax.enable_x64(True):
     params, grads = _problem(0, jnp.float64, neuron_scales)
-    got = _run_orthax(make_tx(), params, grads)
-    want = _run_reference(run, params, grads)
+    got = _run_orthax(make_tx(coeffs), params, grads)
+    want = _run_reference(run, params, grads, **COEFFS[coeffs])
     _compare(got, want, atol=1e-10)
 
 
+@pytest.mark.parametrize("coeffs", list(COEFFS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_float32_matches_reference(case):
+def test_float32_matches_reference(case, coeffs):
   make_tx, run, neuron_scales = CASES[case]
   params, grads = _problem(1, jnp.float32, neuron_scales)
-  got = _run_orthax(make_tx(), params, grads)
-  want = _run_reference(run, params, grads)
+  got = _run_orthax(make_tx(coeffs), params, grads)
+  want = _run_reference(run, params, grads, **COEFFS[coeffs])
   _compare(got, want, atol=3e-6)
 
 
@@ -158,7 +174,7 @@ def test_reference_detects_a_wrong_chain():
     dims = {k: spec for k, (_, spec) in SHAPES.items()}
     tx = optax.chain(
         orthax.momentum(0.95, nesterov=False),
-        orthax.orthogonalize(dimension_numbers=dims),
+        orthax.orthogonalize(coeffs="muon", dimension_numbers=dims),
         orthax.scale_by_shape(dimension_numbers=dims),
         optax.add_decayed_weights(WD), optax.scale(-LR))
     got = _run_orthax(tx, params, grads)

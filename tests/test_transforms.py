@@ -212,7 +212,9 @@ def test_dimension_numbers_callable():
   out, _ = tx.update(params, None)
   for i in range(3):
     single, _ = orthax.orthogonalize().update({"w": params["stack"][i]}, None)
-    np.testing.assert_allclose(out["stack"][i], single["w"], atol=1e-6)
+    # f32 rounding of a batched vs a single matmul; Polar Express's first
+    # step (|b|, |c| about 22 and 16) amplifies it to about 2e-6 here
+    np.testing.assert_allclose(out["stack"][i], single["w"], atol=5e-6)
 
 
 def test_flax_nnx_gpt_labels():

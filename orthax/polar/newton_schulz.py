@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["newton_schulz", "frobenius_normalize"]
+__all__ = ["frobenius_normalize", "newton_schulz",
+           "newton_schulz_flops", "use_gram"]
 
 
 def frobenius_normalize(x: jax.Array, *, margin: float = 1.0,
@@ -34,6 +35,14 @@ def frobenius_normalize(x: jax.Array, *, margin: float = 1.0,
   return (x.astype(acc) / (margin * norm + eps)).astype(x.dtype)
 
 
+def _mm(p: jax.Array, q: jax.Array, acc) -> jax.Array:
+  return jnp.matmul(p, q, preferred_element_type=acc)
+
+
+def _gram(x: jax.Array, acc) -> jax.Array:
+  return _mm(x, jnp.swapaxes(x, -1, -2), acc)
+
+
 def _step(x: jax.Array, abc: jax.Array) -> jax.Array:
   """One step on operands of x's dtype, accumulated and combined in ``abc``'s.
 
@@ -42,11 +51,11 @@ def _step(x: jax.Array, abc: jax.Array) -> jax.Array:
   only the matmul inputs are rounded to bf16.
   """
   acc = abc.dtype
-  a, b, c = abc[0], abc[1], abc[2]
-  mm = lambda p, q: jnp.matmul(p, q, preferred_element_type=acc)
-  gram = mm(x, jnp.swapaxes(x, -1, -2))
-  poly = b * gram + c * mm(gram.astype(x.dtype), gram.astype(x.dtype))
-  return (a * x.astype(acc) + mm(poly.astype(x.dtype), x)).astype(x.dtype)
+  gram = _gram(x, acc)
+  low = gram.astype(x.dtype)
+  poly = abc[1] * gram + abc[2] * _mm(low, low, acc)
+  return (abc[0] * x.astype(acc) + _mm(poly.astype(x.dtype), x, acc)
+          ).astype(x.dtype)
 
 
 def _scan_step(x: jax.Array, abc: jax.Array) -> tuple[jax.Array, None]:
@@ -60,26 +69,61 @@ def _gram_segment(x: jax.Array, table: jax.Array) -> jax.Array:
 
   Every step's ``X_k`` is ``Q_k X_0`` with ``Q_k`` a polynomial of
   ``G = X_0 X_0^T``, so all ``m×m`` matrices commute: with
-  ``P = a I + b A + c A^2``, ``Q <- P Q`` and ``A = X_k X_k^T <- P^2 A``. The
-  ``m×n`` matrix is touched twice (``G`` and ``Q X_0``) instead of twice per
-  step.
+  ``P = a I + b A + c A^2``, ``Q <- P Q`` and ``A = X_k X_k^T <- P (P A)``.
+  The ``m×n`` matrix is touched twice (``G`` and ``Q X_0``) instead of twice
+  per step. The first ``Q`` is ``P`` itself and the last step needs no new
+  ``A``: ``8 m^3`` FLOPs per inner step, ``6`` and ``4`` at the ends.
   """
   acc = table.dtype
-  mm = lambda p, q: jnp.matmul(p, q, preferred_element_type=acc)
-  gram = mm(x, jnp.swapaxes(x, -1, -2))
-  eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=acc), gram.shape)
+  a_mat = _gram(x, acc)
+  eye = jnp.eye(a_mat.shape[-1], dtype=acc)
+  q = None
+  steps = table.shape[0]
+  for k in range(steps):  # a few steps, unrolled to skip the end products
+    a, b, c = table[k, 0], table[k, 1], table[k, 2]
+    poly = a * eye + b * a_mat + c * _mm(a_mat, a_mat, acc)
+    q = poly if q is None else _mm(poly, q, acc)
+    if k + 1 < steps:
+      a_mat = _mm(poly, _mm(poly, a_mat, acc), acc)
+  return _mm(q.astype(x.dtype), x, acc).astype(x.dtype)
 
-  def body(carry, abc):
-    q, a = carry
-    poly = abc[0] * eye + abc[1] * a + abc[2] * mm(a, a)
-    return (mm(poly, q), mm(mm(poly, poly), a)), None
 
-  (q, _), _ = jax.lax.scan(body, (eye, gram), table)
-  return mm(q.astype(x.dtype), x).astype(x.dtype)
+def newton_schulz_flops(m: int, n: int, steps: int, *, gram: bool = False,
+                        gram_restart: int | None = 2) -> int:
+  """Matmul FLOPs of :func:`newton_schulz` on one ``m×n`` matrix.
+
+  The plain step costs ``4 s^2 l + 2 s^3`` (``s, l = min, max(m, n)``). A Gram
+  segment of ``k`` steps costs ``4 s^2 l`` (``G`` and ``Q X_0``) plus
+  ``8 s^3`` per step, less ``2 s^3`` at the first (``Q = P``) and ``4 s^3`` at
+  the last (no new ``A``); a one-step segment is a plain step.
+  """
+  s, l = min(m, n), max(m, n)
+  if not gram:
+    return steps * (4 * s * s * l + 2 * s**3)
+  cut = steps if gram_restart is None else min(gram_restart, steps)
+  total = 0
+  for k in (cut, steps - cut):
+    if k:
+      total += 4 * s * s * l + (8 * k - 6 if k > 1 else 2) * s**3
+  return total
+
+
+def use_gram(m: int, n: int, steps: int, gram: bool | str,
+             gram_restart: int | None = 2) -> bool:
+  """Resolves ``gram="auto"``: the Gram path where it takes fewer FLOPs.
+
+  With 5 steps that is ``max/min > 1.5``, with or without the restart:
+  GPT-2's attention and MLP projections (3× and 4×) yes, square matrices no.
+  """
+  if gram != "auto":
+    return bool(gram)
+  return (newton_schulz_flops(m, n, steps, gram=True, gram_restart=gram_restart)
+          < newton_schulz_flops(m, n, steps))
 
 
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
-                  eps: float = 1e-7, compute_dtype=None, gram: bool = False,
+                  eps: float = 1e-7, compute_dtype=None,
+                  gram: bool | str = False,
                   gram_restart: int | None = 2) -> jax.Array:
   """Approximate polar factor of each matrix in ``x`` (last two axes).
 
@@ -88,20 +132,25 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
     coeffs: ``(steps, 3)`` table of ``(a, b, c)``, one row per step (see
       :mod:`orthax.polar.coefficients`).
     norm_margin: the input is divided by ``norm_margin * ||X||_F + eps``
-      (Frobenius normalization bounds the spectral norm by 1).
+      (Frobenius normalization bounds the spectral norm by 1; a margin above 1
+      leaves room for rounding).
     eps: keeps the normalization finite for an all-zero matrix, which maps to
       zero.
     compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``); ``None``
       uses ``x.dtype``. The result is returned in ``x.dtype``.
     gram: iterate on the ``min(m, n)`` Gram matrix (Gram Newton–Schulz,
-      Dao-AILab 2025): per step ``8 m^3`` FLOPs instead of ``4 m^2 n + 2 m^3``,
-      plus ``4 m^2 n`` per segment (``m <= n``); with 5 steps and one restart
-      that is fewer FLOPs when ``n / m > 2.5``. Rounding in ``Q`` grows for
-      small singular values, so the iteration restarts from ``X = Q X_0``
-      after ``gram_restart`` steps.
-    gram_restart: steps before the restart (``None``: never). Measured on
-      768×2304 f32 with a decaying spectrum: max entry error vs float64 6e-6
-      with a restart after 2 steps, 4e-4 without (plain iteration: 3e-6).
+      Dao-AILab 2025): ``True``, ``False`` or ``"auto"`` (only where it takes
+      fewer FLOPs, see :func:`use_gram`). The same polynomial is applied; the
+      ``m×m`` products run in float32 (or float64) whatever ``compute_dtype``.
+    gram_restart: the Gram path restarts from ``X = Q X_0`` after this many
+      steps (``None``: never). ``Q`` amplifies small singular values by up to
+      the product of the steps' ``a`` (490 for Muon's quintic, 990 for Polar
+      Express), and its rounding with them. Measured on 768×2304 with a
+      decaying spectrum, Polar Express, relative error against float64:
+      float32 6.3e-6 plain, 2.9e-5 Gram with the restart after 2 steps,
+      1.6e-3 without; bf16 3.5e-2 plain, 3.2e-2 and 4.5e-2. Without the
+      restart the Gram path saves ``4 s^2 l`` more FLOPs (GPT-2-small layer:
+      0.63 instead of 0.72 of the plain FLOPs).
 
   Returns:
     An array like ``x`` whose singular values have been pushed towards 1 (the
@@ -113,11 +162,13 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
-  x = frobenius_normalize(x, margin=norm_margin, eps=eps).astype(dtype)
   table = jnp.asarray(np.asarray(coeffs),
                       dtype=jnp.promote_types(dtype, jnp.float32))
+  steps = table.shape[0]
+  gram = use_gram(x.shape[-2], x.shape[-1], steps, gram, gram_restart)
+  x = frobenius_normalize(x, margin=norm_margin, eps=eps).astype(dtype)
   if gram:
-    cut = table.shape[0] if gram_restart is None else gram_restart
+    cut = steps if gram_restart is None else gram_restart
     for segment in (table[:cut], table[cut:]):
       if segment.shape[0]:
         x = _gram_segment(x, segment)
