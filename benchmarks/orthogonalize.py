@@ -11,6 +11,9 @@ whole set and reports, in the same process:
 * ``vs matmul``: time / a square matmul of the same FLOPs as the plain
   5-step Newton–Schulz iteration (the machine's limit for it; ``-`` for
   SVD); Gram Newton–Schulz does fewer FLOPs, so it can go below 1;
+* ``flops``: the method's matmul FLOPs / the plain iteration's (counted by
+  :func:`orthax.polar.newton_schulz.newton_schulz_flops`, which the tests
+  check against the traced program);
 * ``quality``: worst ``|s - 1|`` over the singular values of the output after
   dropping the lowest 10%, on gradients with a decaying spectrum
   (``s_i ∝ 1 / (1 + i)``, as real gradients have).
@@ -38,6 +41,7 @@ from optax.contrib import _muon as optax_muon
 
 import orthax
 from orthax.polar import PRESETS
+from orthax.polar.newton_schulz import newton_schulz_flops, use_gram
 
 # (fan_in, fan_out) of one transformer layer's hidden matrices: qkv, proj,
 # MLP up, MLP down.
@@ -46,18 +50,27 @@ SETS = {
     "medium": [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)],
     "quick": [(32, 96), (32, 32), (32, 128), (128, 32)],
 }
-METHODS = ["muon", "polar_express", "you", "svd", "muon+gram",
-           "polar_express+gram"]
+# name -> orthax.orthogonalize keywords. "default" is orthogonalize()'s
+# default (Polar Express, Gram Newton-Schulz where it saves FLOPs).
+METHODS = {
+    "default": {},
+    "default, no restart": dict(gram_restart=None),
+    "muon": dict(coeffs="muon", gram=False),
+    "muon, gram auto": dict(coeffs="muon"),
+    "polar_express, plain": dict(gram=False),
+    "you, plain": dict(coeffs="you", gram=False),
+    "svd": dict(coeffs="svd"),
+}
 MUON_ABC = PRESETS["muon"].coeffs[0]
 
 
-def newton_schulz_flops(shapes, steps: int = 5) -> float:
-  """FLOPs of ``steps`` Newton–Schulz steps on each (wide-oriented) matrix."""
-  total = 0.0
-  for fi, fo in shapes:
-    m, n = min(fi, fo), max(fi, fo)
-    total += steps * (4 * m * m * n + 2 * m**3)
-  return total
+def set_flops(shapes, steps: int = 5, gram=False, gram_restart=2) -> float:
+  """Matmul FLOPs of ``steps`` Newton–Schulz steps on every matrix of a set."""
+  return float(sum(
+      newton_schulz_flops(fi, fo, steps,
+                          gram=use_gram(fi, fo, steps, gram, gram_restart),
+                          gram_restart=gram_restart)
+      for fi, fo in shapes))
 
 
 def decaying_gradients(shapes, seed: int = 0) -> dict[str, jax.Array]:
@@ -102,7 +115,7 @@ def run(set_names, reps: int) -> list[dict]:
     optax_scan = jax.jit(lambda t: jax.tree.map(
         lambda x: optax_muon.orthogonalize_via_newton_schulz(
             x, jnp.asarray(PRESETS["muon"].coeffs), 5), t))
-    flops = newton_schulz_flops(shapes)
+    flops = set_flops(shapes)
     k = int(round((flops / 2) ** (1 / 3)))
     square = jnp.ones((k, k), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
@@ -111,35 +124,40 @@ def run(set_names, reps: int) -> list[dict]:
     t_matmul = timeit(matmul, square, reps)
     rows.append(dict(set=name, method="optax default", time_s=t_default,
                      vs_optax_default=1.0, vs_optax_scan=t_default / t_scan,
-                     vs_matmul=t_default / t_matmul,
+                     vs_matmul=t_default / t_matmul, flops=1.0,
                      quality=quality(optax_default(grads))))
     rows.append(dict(set=name, method="optax scan", time_s=t_scan,
                      vs_optax_default=t_scan / t_default, vs_optax_scan=1.0,
-                     vs_matmul=t_scan / t_matmul,
+                     vs_matmul=t_scan / t_matmul, flops=1.0,
                      quality=quality(optax_scan(grads))))
-    for method in METHODS:
-      coeffs, _, gram = method.partition("+")
-      tx = orthax.orthogonalize(coeffs=coeffs, gram=bool(gram))
+    for method, kw in METHODS.items():
+      tx = orthax.orthogonalize(**kw)
       fn = jax.jit(lambda t, tx=tx: tx.update(t, None)[0])
       t = timeit(fn, grads, reps)
+      svd = kw.get("coeffs") == "svd"
       rows.append(dict(
           set=name, method=f"orthax {method}", time_s=t,
           vs_optax_default=t / t_default, vs_optax_scan=t / t_scan,
-          vs_matmul=None if method == "svd" else t / t_matmul,
+          vs_matmul=None if svd else t / t_matmul,
+          flops=None if svd else set_flops(
+              shapes, gram=kw.get("gram", "auto"),
+              gram_restart=kw.get("gram_restart", 2)) / flops,
           quality=quality(fn(grads))))
   return rows
 
 
 def print_table(rows) -> None:
-  header = (f"{'set':8} {'method':22} {'time s':>9} {'vs optax default':>17} "
-            f"{'vs optax scan':>14} {'vs matmul':>10} {'quality':>9}")
+  header = (f"{'set':8} {'method':28} {'time s':>9} {'vs optax default':>17} "
+            f"{'vs optax scan':>14} {'vs matmul':>10} {'flops':>6} "
+            f"{'quality':>8}")
   print(header)
   print("-" * len(header))
   for r in rows:
     vm = "-" if r["vs_matmul"] is None else f"{r['vs_matmul']:.2f}"
-    print(f"{r['set']:8} {r['method']:22} {r['time_s']:9.4f} "
+    fl = "-" if r["flops"] is None else f"{r['flops']:.2f}"
+    print(f"{r['set']:8} {r['method']:28} {r['time_s']:9.4f} "
           f"{r['vs_optax_default']:17.2f} {r['vs_optax_scan']:14.2f} "
-          f"{vm:>10} {r['quality']:9.3f}")
+          f"{vm:>10} {fl:>6} {r['quality']:8.3f}")
 
 
 def main(argv=None) -> list[dict]:
