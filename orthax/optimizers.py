@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from orthax.labels import ADAMW, MATRIX, LabelSpec, resolve_labels
@@ -55,6 +56,9 @@ _SHARED_ARGS_DOC = """
     steps: Newton–Schulz steps; ``None`` keeps the preset's.
     gram: Gram Newton–Schulz: ``"auto"`` (where it saves FLOPs), ``True`` or
       ``False`` (:func:`orthax.orthogonalize`).
+    mesh, mesh_axis: sharded orthogonalization, each device whole matrices
+      for its share of the FSDP-sharded parameters
+      (:func:`orthax.orthogonalize`).
     eps: Newton–Schulz normalization epsilon.
     compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``).
     shape_scale: ``"muon"`` or ``"rms"`` (:func:`orthax.scale_by_shape`).
@@ -82,6 +86,8 @@ def muon(
     coeffs: str | Any = "polar_express",
     steps: int | None = None,
     gram: bool | str = "auto",
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    mesh_axis: str | None = None,
     eps: float = 1e-7,
     compute_dtype=None,
     shape_scale: str = "muon",
@@ -130,6 +136,7 @@ def muon(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
           orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
                         compute_dtype=compute_dtype, gram=gram,
+                        mesh=mesh, mesh_axis=mesh_axis,
                         dimension_numbers=dimension_numbers),
           scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
       ), learning_rate=learning_rate, weight_decay=weight_decay,
@@ -153,6 +160,8 @@ def normuon(
     coeffs: str | Any = "polar_express",
     steps: int | None = None,
     gram: bool | str = "auto",
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    mesh_axis: str | None = None,
     eps: float = 1e-7,
     compute_dtype=None,
     shape_scale: str = "muon",
@@ -199,6 +208,7 @@ def normuon(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
           orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
                         compute_dtype=compute_dtype, gram=gram,
+                        mesh=mesh, mesh_axis=mesh_axis,
                         dimension_numbers=dimension_numbers),
           neuron_normalize(beta2, neuron_eps, axis=neuron_axis,
                            dimension_numbers=dimension_numbers),

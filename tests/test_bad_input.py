@@ -98,7 +98,7 @@ def test_unknown_preset(make):
 
 
 def test_unknown_backend_preconditioning_mode_axis():
-  with pytest.raises(ValueError, match=r"backend 'triton'.*\('auto', 'xla'\)"):
+  with pytest.raises(ValueError, match=r"backend 'triton'.*\('auto', 'xla', 'pallas'\)"):
     orthax.orthogonalize(backend="triton")
   with pytest.raises(ValueError, match="preconditioning 'spectral'"):
     orthax.orthogonalize(preconditioning="spectral")

@@ -74,3 +74,25 @@ def test_step_benchmark_routes_like_orthax():
       is_leaf=lambda x: x is None or isinstance(x, orthax.MuonDimensionNumbers))
   assert [lab == "matrix" for lab in ours] == [d is not None for d in theirs]
   assert sum(lab == "matrix" for lab in ours) == 4 * bench.MODELS["quick"][3]
+
+
+def test_kernels_benchmark_quick(tmp_path, capsys):
+  """benchmarks/kernels.py --quick: both backends on every shape and path,
+  the same results (bf16 bound of test_kernels.py), and on CPU the notice
+  that interpreted times are not performance figures."""
+  import jax
+  bench = _load("kernels")
+  out = tmp_path / "k.json"
+  rows = bench.main(["--quick", "--out", str(out)])
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == rows
+  assert [(tuple(r["shape"]), r["path"]) for r in rows] == [
+      ((32, 96), "plain"), ((32, 96), "gram"), ((48, 48), "plain")]
+  for r in rows:
+    assert r["xla_s"] > 0 and r["pallas_s"] > 0
+    assert r["pallas_vs_xla"] == r["pallas_s"] / r["xla_s"]
+    assert r["rel_diff"] < 8 * 2.0**-8
+  if jax.default_backend() not in ("gpu", "tpu"):
+    assert saved["interpreted"] and saved["peak_tflops"] is None
+    assert all(r["pallas_peak"] is None for r in rows)
+    assert "not performance figures" in capsys.readouterr().out

@@ -14,12 +14,16 @@ sharded path all call this function.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["frobenius_normalize", "newton_schulz",
-           "newton_schulz_flops", "use_gram"]
+__all__ = ["BACKENDS", "MatmulOps", "XLA_OPS", "frobenius_normalize",
+           "matmul_ops", "newton_schulz", "newton_schulz_flops", "use_gram"]
 
 
 def frobenius_normalize(x: jax.Array, *, margin: float = 1.0,
@@ -39,32 +43,101 @@ def _mm(p: jax.Array, q: jax.Array, acc) -> jax.Array:
   return jnp.matmul(p, q, preferred_element_type=acc)
 
 
-def _gram(x: jax.Array, acc) -> jax.Array:
+class MatmulOps(NamedTuple):
+  """The matrix products of one Newton–Schulz step, as a backend provides them.
+
+  The iteration (normalization, transposition, step table, Gram segments and
+  restart) is written once, in this module, on top of these four; ``XLA_OPS``
+  runs them as XLA matmuls and :data:`orthax.kernels.PALLAS_OPS` as Pallas
+  kernels. Every ``m×m`` matrix they exchange is symmetric.
+
+  Attributes:
+    gram: ``(x, acc) -> X X^T``, accumulated and returned in ``acc``.
+    polynomial: ``(A, a, b, c, operand_dtype) -> a I + b A + c A^2`` in
+      ``A.dtype``, with ``A^2`` taken on operands rounded to ``operand_dtype``;
+      ``a=None`` drops the identity term.
+    product: ``(P, Q) -> P Q`` for commuting symmetric ``P, Q``.
+    apply: ``(P, x, a) -> a X + P X`` in ``x.dtype``, with ``P`` rounded to
+      ``x.dtype`` and accumulation in ``P.dtype``; ``a=None`` gives ``P X``.
+  """
+  gram: Callable[..., jax.Array]
+  polynomial: Callable[..., jax.Array]
+  product: Callable[..., jax.Array]
+  apply: Callable[..., jax.Array]
+
+
+def _xla_gram(x: jax.Array, acc) -> jax.Array:
   return _mm(x, jnp.swapaxes(x, -1, -2), acc)
 
 
-def _step(x: jax.Array, abc: jax.Array) -> jax.Array:
+def _xla_polynomial(a_mat: jax.Array, a, b, c, operand_dtype) -> jax.Array:
+  low = a_mat.astype(operand_dtype)
+  square = c * _mm(low, low, a_mat.dtype)
+  if a is None:
+    return b * a_mat + square
+  return a * jnp.eye(a_mat.shape[-1], dtype=a_mat.dtype) + b * a_mat + square
+
+
+def _xla_product(p: jax.Array, q: jax.Array) -> jax.Array:
+  return _mm(p, q, p.dtype)
+
+
+def _xla_apply(p: jax.Array, x: jax.Array, a) -> jax.Array:
+  acc = p.dtype
+  out = _mm(p.astype(x.dtype), x, acc)
+  if a is not None:
+    out = a * x.astype(acc) + out
+  return out.astype(x.dtype)
+
+
+XLA_OPS = MatmulOps(gram=_xla_gram, polynomial=_xla_polynomial,
+                    product=_xla_product, apply=_xla_apply)
+BACKENDS = ("auto", "xla", "pallas")
+
+
+def matmul_ops(backend: str | MatmulOps) -> MatmulOps:
+  """The :class:`MatmulOps` of a backend name (or ``backend`` itself)."""
+  if isinstance(backend, MatmulOps):
+    return backend
+  if backend == "pallas":
+    # Imported here: the kernels import this module, and XLA users never
+    # load Pallas.
+    from orthax.kernels import PALLAS_OPS  # pylint: disable=g-import-not-at-top
+    return PALLAS_OPS
+  if backend in ("auto", "xla"):
+    # "auto" takes the kernels only where a measurement shows them faster;
+    # none has been made yet (no accelerator; BUILD.md), so XLA everywhere.
+    return XLA_OPS
+  raise ValueError(f"Unknown Newton-Schulz backend {backend!r}; expected one "
+                   f"of {BACKENDS} or a MatmulOps.")
+
+
+def _step(ops: MatmulOps, x: jax.Array, abc: jax.Array) -> jax.Array:
   """One step on operands of x's dtype, accumulated and combined in ``abc``'s.
 
   With bf16 operands the products accumulate in float32 and the coefficients
   stay float32 (rounding 3.4445 to bf16 would change the polynomial itself);
   only the matmul inputs are rounded to bf16.
   """
-  acc = abc.dtype
-  gram = _gram(x, acc)
-  low = gram.astype(x.dtype)
-  poly = abc[1] * gram + abc[2] * _mm(low, low, acc)
-  return (abc[0] * x.astype(acc) + _mm(poly.astype(x.dtype), x, acc)
-          ).astype(x.dtype)
+  a_mat = ops.gram(x, abc.dtype)
+  poly = ops.polynomial(a_mat, None, abc[1], abc[2], x.dtype)
+  return ops.apply(poly, x, abc[0])
 
 
-def _scan_step(x: jax.Array, abc: jax.Array) -> tuple[jax.Array, None]:
-  # A module-level body (not a lambda) lets JAX reuse the traced and compiled
-  # scan across calls: outside jit, a fresh lambda recompiled it every call.
-  return _step(x, abc), None
+def _scan_step(ops: MatmulOps, x: jax.Array,
+               abc: jax.Array) -> tuple[jax.Array, None]:
+  return _step(ops, x, abc), None
 
 
-def _gram_segment(x: jax.Array, table: jax.Array) -> jax.Array:
+@functools.cache
+def _scan_body(ops: MatmulOps):
+  # One body per backend, made once: JAX reuses the traced and compiled scan
+  # across calls only for the same function object (outside jit, a fresh
+  # lambda recompiled it every call).
+  return functools.partial(_scan_step, ops)
+
+
+def _gram_segment(ops: MatmulOps, x: jax.Array, table: jax.Array) -> jax.Array:
   """Steps of ``table`` on a wide ``x``, iterated on its Gram matrix.
 
   Every step's ``X_k`` is ``Q_k X_0`` with ``Q_k`` a polynomial of
@@ -75,17 +148,16 @@ def _gram_segment(x: jax.Array, table: jax.Array) -> jax.Array:
   ``A``: ``8 m^3`` FLOPs per inner step, ``6`` and ``4`` at the ends.
   """
   acc = table.dtype
-  a_mat = _gram(x, acc)
-  eye = jnp.eye(a_mat.shape[-1], dtype=acc)
+  a_mat = ops.gram(x, acc)
   q = None
   steps = table.shape[0]
   for k in range(steps):  # a few steps, unrolled to skip the end products
     a, b, c = table[k, 0], table[k, 1], table[k, 2]
-    poly = a * eye + b * a_mat + c * _mm(a_mat, a_mat, acc)
-    q = poly if q is None else _mm(poly, q, acc)
+    poly = ops.polynomial(a_mat, a, b, c, acc)
+    q = poly if q is None else ops.product(poly, q)
     if k + 1 < steps:
-      a_mat = _mm(poly, _mm(poly, a_mat, acc), acc)
-  return _mm(q.astype(x.dtype), x, acc).astype(x.dtype)
+      a_mat = ops.product(poly, ops.product(poly, a_mat))
+  return ops.apply(q, x, None)
 
 
 def newton_schulz_flops(m: int, n: int, steps: int, *, gram: bool = False,
@@ -124,7 +196,8 @@ def use_gram(m: int, n: int, steps: int, gram: bool | str,
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
                   eps: float = 1e-7, compute_dtype=None,
                   gram: bool | str = False,
-                  gram_restart: int | None = 2) -> jax.Array:
+                  gram_restart: int | None = 2,
+                  backend: str | MatmulOps = "xla") -> jax.Array:
   """Approximate polar factor of each matrix in ``x`` (last two axes).
 
   Args:
@@ -151,12 +224,19 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
       1.6e-3 without; bf16 3.5e-2 plain, 3.2e-2 and 4.5e-2. Without the
       restart the Gram path saves ``4 s^2 l`` more FLOPs (GPT-2-small layer:
       0.63 instead of 0.72 of the plain FLOPs).
+    backend: where the products run: ``"xla"``; ``"pallas"``, the fused
+      kernels of :mod:`orthax.kernels` (interpreted on CPU; float32, bfloat16
+      or float16 only); ``"auto"``, XLA until the kernels are measured
+      faster somewhere; or a :class:`MatmulOps` (e.g.
+      ``orthax.kernels.pallas_ops(tiles=...)``). Every backend runs this
+      same iteration.
 
   Returns:
     An array like ``x`` whose singular values have been pushed towards 1 (the
     exact values depend on the coefficients) and whose singular vectors are
     those of ``x``.
   """
+  ops = matmul_ops(backend)
   out_dtype = x.dtype
   dtype = out_dtype if compute_dtype is None else jnp.dtype(compute_dtype)
   transposed = x.shape[-2] > x.shape[-1]
@@ -171,9 +251,11 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
     cut = steps if gram_restart is None else gram_restart
     for segment in (table[:cut], table[cut:]):
       if segment.shape[0]:
-        x = _gram_segment(x, segment)
+        x = _gram_segment(ops, x, segment)
   else:
-    x, _ = jax.lax.scan(_scan_step, x, table)
+    # Unrolled: straight-line HLO, which XLA schedules, and costs
+    # (cost_analysis counts a loop body once), as a whole.
+    x, _ = jax.lax.scan(_scan_body(ops), x, table, unroll=True)
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   return x.astype(out_dtype)

@@ -14,10 +14,11 @@ from orthax.matrices import DimensionNumbersSpec, MatrixView, matrix_views
 from orthax.polar.coefficients import resolve_coefficients
 from orthax.polar.newton_schulz import newton_schulz
 from orthax.polar.reference import polar_svd
+from orthax.sharded import resolve_mesh, sharded_polar
 
 __all__ = ["orthogonalize"]
 
-_BACKENDS = ("auto", "xla")
+_BACKENDS = ("auto", "xla", "pallas")
 _PRECONDITIONINGS = ("frobenius",)
 
 
@@ -61,6 +62,8 @@ def orthogonalize(
     backend: str = "auto",
     gram: bool | str = "auto",
     gram_restart: int | None = 2,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    mesh_axis: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Replaces each matrix leaf by (an approximation of) its polar factor.
 
@@ -109,7 +112,11 @@ def orthogonalize(
       callable on the updates returning such a tree. Axes that are neither
       reduction nor output axes are batch axes: each slice is orthogonalized
       on its own.
-    backend: ``"auto"`` or ``"xla"`` (the iteration as XLA matmuls).
+    backend: ``"xla"`` (the iteration as XLA matmuls), ``"pallas"`` (the
+      same iteration on the fused kernels of :mod:`orthax.kernels`;
+      interpreted, slowly, on CPU) or ``"auto"``, which picks the kernels only
+      where a measurement shows them faster; none has been made yet, so it
+      runs XLA everywhere (BUILD.md, "Pallas kernels").
     gram: Gram Newton–Schulz (see :func:`orthax.polar.newton_schulz`): the
       same polynomial, iterated on the small Gram matrix and applied to the
       matrix once (with a restart in bf16). ``"auto"`` uses it where it takes
@@ -119,6 +126,18 @@ def orthogonalize(
       (``None``: no restart; 0.6× instead of 0.7× of optax's time on a GPT-2
       layer, at a float32 error of 1.6e-3 instead of 3e-5; see
       :func:`orthax.polar.newton_schulz`).
+    mesh: the device mesh the parameters are sharded over; ``None`` with a
+      ``mesh_axis`` uses the one set with ``jax.set_mesh`` (both ``None``:
+      unsharded, even under ``jax.set_mesh``). With a mesh, each device
+      orthogonalizes whole matrices for its share of them (see
+      :mod:`orthax.sharded`): one ``all_to_all`` gathers whole matrices, the
+      same iteration runs locally, and one ``all_to_all`` returns the results
+      in the leaves' own shardings. Leaves not sharded along a matrix axis
+      over ``mesh_axis`` are orthogonalized where they are.
+    mesh_axis: the mesh axis that shards the parameters (FSDP); may be
+      omitted for a one-axis mesh. Under ``Explicit`` axes the leaves' layout
+      is read from their types; under ``Auto`` axes it cannot be seen while
+      tracing, and the first matrix axis that the axis divides is assumed.
 
   Returns:
     A stateless :class:`optax.GradientTransformation`.
@@ -163,12 +182,17 @@ def orthogonalize(
     raise TypeError(
         f"compute_dtype must be a floating dtype, got {compute_dtype!r}.")
 
+  table = None
   if isinstance(coeffs, str) and coeffs == "svd":
     if steps is not None:
       raise ValueError("steps has no meaning with coeffs='svd'.")
     if gram is True:
       raise ValueError("gram=True needs Newton-Schulz coefficients; "
                        "coeffs='svd' computes the exact polar factor.")
+    if backend == "pallas":
+      raise ValueError("backend='pallas' runs Newton-Schulz kernels; "
+                       "coeffs='svd' computes the exact polar factor by SVD "
+                       "(use backend='xla' or 'auto').")
 
     def polar(x):
       dtype = x.dtype if compute_dtype is None else compute_dtype
@@ -180,12 +204,23 @@ def orthogonalize(
     def polar(x):
       return newton_schulz(x, table, norm_margin=margin, eps=eps,
                            compute_dtype=compute_dtype, gram=gram,
-                           gram_restart=gram_restart)
+                           gram_restart=gram_restart, backend=backend)
+
+  if mesh is not None:
+    resolve_mesh(mesh, mesh_axis)  # bad axis names fail here, not at update
+  steps_run = 5 if table is None else table.shape[0]
 
   def update_fn(updates, state, params=None):
     del params
     views = matrix_views(updates, dimension_numbers, "orthax.orthogonalize")
     leaves, treedef = jax.tree.flatten(updates)
-    return treedef.unflatten(_stacked(polar, views, leaves)), state
+    sharding = resolve_mesh(mesh, mesh_axis)
+    if sharding is None:
+      out = _stacked(polar, views, leaves)
+    else:
+      out = sharded_polar(
+          polar, lambda v, x: _stacked(polar, v, x), views, leaves,
+          *sharding, steps=steps_run, gram=gram, gram_restart=gram_restart)
+    return treedef.unflatten(out), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -1,0 +1,176 @@
+"""Benchmark: sharded orthogonalization on 8 simulated devices, from the compiled programs.
+
+GPT-2's hidden matrices (small: 12 layers of qkv 768×2304, proj 768×768,
+MLP 768×3072 and 3072×768), FSDP-sharded along their fan_in over an 8-device
+mesh, orthogonalized three ways:
+
+* ``orthax``: ``orthax.orthogonalize(mesh=..., mesh_axis="fsdp")``: every
+  device orthogonalizes whole matrices for its share, two ``all_to_all``s;
+* ``replicate``: gather every matrix on every device, then orthogonalize
+  (orthax's unsharded iteration): every device does all the work;
+* ``xla optax``: optax's Newton–Schulz under ``jit`` with the same shardings
+  and ``Auto`` axes, partitioned by XLA.
+
+From each compiled program: matmul FLOPs per device (``cost_analysis()``)
+against the even share (all matrices' FLOPs / devices), and the bytes of every
+collective in ``as_text()`` (each collective's result size on one device,
+summed), as ratios to XLA's partitioning of optax's iteration. orthax's
+program also runs, for its largest difference from the unsharded result. Nothing is timed: 8 simulated
+devices on 2 cores say nothing about speed. Prints a table and writes JSON.
+
+  python benchmarks/sharded.py [--quick] [--out runs/bench/sharded.json]
+
+The script asks XLA for 8 host devices itself (it must run in a fresh
+process).
+"""
+
+from __future__ import annotations
+
+import os
+
+DEVICES = 8
+if "jax" not in globals():  # before JAX initializes its backend
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={DEVICES}")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+from optax.contrib import _muon as optax_muon  # noqa: E402
+
+import orthax  # noqa: E402
+from orthax.polar import PRESETS  # noqa: E402
+from orthax.polar.newton_schulz import newton_schulz_flops, use_gram  # noqa: E402
+
+MODELS = {"gpt2_small": (768, 12), "quick": (32, 3)}  # width, layers
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter",
+               "collective-permute")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4,
+          "pred": 1, "s8": 1, "u8": 1}
+
+
+def hidden_matrices(width: int, layers: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  shapes = {"qkv": (width, 3 * width), "proj": (width, width),
+            "fc": (width, 4 * width), "fc2": (4 * width, width)}
+  return {f"h{l}_{k}": jnp.asarray(rng.normal(size=s), jnp.float32)
+          for l in range(layers) for k, s in shapes.items()}
+
+
+def collective_bytes(hlo: str) -> dict[str, float]:
+  """Bytes of each collective's result (one device), summed per kind."""
+  out = {op: 0.0 for op in COLLECTIVES}
+  for line in hlo.splitlines():
+    for op in COLLECTIVES:
+      match = re.search(rf"= (.*?) {op}(?:-start)?\(", line)
+      if match:
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+          n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+          out[op] += n * _BYTES.get(dtype, 4)
+  return out
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def run(model: str) -> list[dict]:
+  width, layers = MODELS[model]
+  tree = hidden_matrices(width, layers)
+  fsdp = {k: P("fsdp", None) for k in tree}
+  explicit = jax.make_mesh((DEVICES,), ("fsdp",),
+                           axis_types=(AxisType.Explicit,))
+  auto = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(AxisType.Auto,))
+  total = sum(newton_schulz_flops(*x.shape, 5, gram=use_gram(*x.shape, 5, "auto"))
+              for x in tree.values())
+  want = orthax.orthogonalize().update(tree, None)[0]
+  optax_coeffs = jnp.asarray(PRESETS["muon"].coeffs)
+
+  def put(mesh):
+    return {k: jax.device_put(x, NamedSharding(mesh, fsdp[k]))
+            for k, x in tree.items()}
+
+  tx = orthax.orthogonalize(mesh=explicit, mesh_axis="fsdp")
+  plain = orthax.orthogonalize()
+
+  def replicate(t):
+    whole = {k: jax.sharding.reshard(x, P()) for k, x in t.items()}
+    out = plain.update(whole, None)[0]
+    return {k: jax.sharding.reshard(x, fsdp[k]) for k, x in out.items()}
+
+  variants = {
+      "orthax": (explicit, lambda t: tx.update(t, None)[0], want),
+      "replicate": (explicit, replicate, want),
+      "xla optax": (auto, lambda t: jax.tree.map(
+          lambda x: optax_muon.orthogonalize_via_newton_schulz(
+              x, optax_coeffs, 5), t), None),
+  }
+  rows = []
+  for name, (mesh, fn, reference) in variants.items():
+    args = put(mesh)
+    with jax.set_mesh(mesh):
+      jitted = jax.jit(fn, out_shardings={k: NamedSharding(mesh, s)
+                                          for k, s in fsdp.items()})
+      compiled = jitted.lower(args).compile()
+      # only orthax's program runs (for its error): the others are compiled
+      # for their FLOPs and collectives, not timed
+      out = None if reference is None else compiled(args)
+    err = None if reference is None else max(
+        float(jnp.max(jnp.abs(out[k] - reference[k]))) for k in tree)
+    coll = collective_bytes(compiled.as_text())
+    rows.append(dict(model=model, method=name,
+                     flops_per_device=_flops(compiled),
+                     even_share=total / DEVICES,
+                     collective_bytes=sum(coll.values()),
+                     collectives=coll, max_abs_err_vs_unsharded=err))
+  base = rows[-1]["collective_bytes"]
+  for r in rows:
+    r["flops_vs_even_share"] = r["flops_per_device"] / r["even_share"]
+    r["bytes_vs_xla_optax"] = r["collective_bytes"] / base if base else None
+  return rows
+
+
+def print_table(rows) -> None:
+  header = (f"{'method':11} {'GFLOP/device':>13} {'vs even share':>14} "
+            f"{'collective MB':>14} {'vs xla optax':>13} {'max err':>9}")
+  print(f"{rows[0]['model']}, {DEVICES} devices")
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    err = ("-" if r["max_abs_err_vs_unsharded"] is None
+           else f"{r['max_abs_err_vs_unsharded']:.1e}")
+    vs = "-" if r["bytes_vs_xla_optax"] is None else f"{r['bytes_vs_xla_optax']:.3f}"
+    print(f"{r['method']:11} {r['flops_per_device'] / 1e9:13.2f} "
+          f"{r['flops_vs_even_share']:14.3f} "
+          f"{r['collective_bytes'] / 2**20:14.1f} {vs:>13} {err:>9}")
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="3 layers of 32-wide matrices (smoke test)")
+  parser.add_argument("--out", type=Path,
+                      default=Path("runs/bench/sharded.json"))
+  args = parser.parse_args(argv)
+  if jax.device_count() < DEVICES:
+    raise SystemExit(f"needs {DEVICES} devices; run it in a fresh process "
+                     "(it sets XLA_FLAGS before JAX starts)")
+  rows = run("quick" if args.quick else "gpt2_small")
+  print_table(rows)
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(dict(jax=jax.__version__, devices=DEVICES,
+                                      rows=rows), indent=1))
+  print(f"wrote {args.out}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
