@@ -11,12 +11,14 @@ mesh, orthogonalized three ways:
 * ``xla optax``: optax's Newton–Schulz under ``jit`` with the same shardings
   and ``Auto`` axes, partitioned by XLA.
 
-From each compiled program: matmul FLOPs per device (``cost_analysis()``)
-against the even share (all matrices' FLOPs / devices), and the bytes of every
-collective in ``as_text()`` (each collective's result size on one device,
-summed), as ratios to XLA's partitioning of optax's iteration. orthax's
-program also runs, for its largest difference from the unsharded result. Nothing is timed: 8 simulated
-devices on 2 cores say nothing about speed. Prints a table and writes JSON.
+From each compiled program's per-device HLO text (:func:`hlo_costs`): the
+matmul FLOPs one device executes, against the even share (all the matrices'
+FLOPs / devices, by each method's own count: orthax's Gram path does fewer
+than optax's iteration), and the bytes of every collective (each one's result
+on one device, summed), as a ratio to XLA's partitioning of optax's
+iteration. orthax's program also runs, for its largest difference from the
+unsharded result. Nothing is timed: 8 simulated devices on 2 cores say
+nothing about speed. Prints a table and writes JSON.
 
   python benchmarks/sharded.py [--quick] [--out runs/bench/sharded.json]
 
@@ -63,23 +65,69 @@ def hidden_matrices(width: int, layers: int, seed: int = 0) -> dict:
           for l in range(layers) for k, s in shapes.items()}
 
 
-def collective_bytes(hlo: str) -> dict[str, float]:
-  """Bytes of each collective's result (one device), summed per kind."""
-  out = {op: 0.0 for op in COLLECTIVES}
+def _dims(shape: str) -> list[int]:
+  return [int(d) for d in shape.split(",") if d]
+
+
+def _line_cost(line: str, shapes: dict[str, str]) -> dict[str, float]:
+  """Matmul FLOPs and collective bytes of one HLO instruction."""
+  cost = {}
+  dot = re.search(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), .*"
+                  r"lhs_contracting_dims=\{([\d,]*)\}", line)
+  if dot:  # 2 * prod(result) * prod(contracted lhs dims)
+    out, lhs, contract = dot.groups()
+    k = np.prod([_dims(shapes[lhs])[int(d)] for d in _dims(contract)])
+    cost["flops"] = 2.0 * np.prod(_dims(out)) * k
+  for op in COLLECTIVES:  # the result's bytes on this device
+    match = re.search(rf"= (.*?) {op}(?:-start)?\(", line)
+    if match:
+      cost[op] = float(sum(
+          np.prod(_dims(dims)) * _BYTES.get(dtype, 4)
+          for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]",
+                                        match.group(1))))
+  return cost
+
+
+def hlo_costs(hlo: str) -> dict[str, float]:
+  """Matmul FLOPs and bytes of each collective a compiled (per-device) module
+  executes.
+
+  Summed over the call graph from the entry computation, a while loop's body
+  times its known trip count. Read from the text because ``cost_analysis()``
+  counts a loop body once and misses dots that XLA:CPU hands to library
+  fusions.
+  """
+  shapes = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo))
+  bodies, entry, name = {}, None, None
   for line in hlo.splitlines():
-    for op in COLLECTIVES:
-      match = re.search(rf"= (.*?) {op}(?:-start)?\(", line)
-      if match:
-        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
-          n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-          out[op] += n * _BYTES.get(dtype, 4)
-  return out
+    head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head:
+      name = head.group(2)
+      entry = name if head.group(1) else entry
+      bodies[name] = []
+    elif line.startswith("}"):
+      name = None
+    elif name is not None:
+      bodies[name].append(line)
 
+  def walk(comp: str) -> dict[str, float]:
+    total = dict.fromkeys(("flops",) + COLLECTIVES, 0.0)
+    for line in bodies[comp]:
+      for key, value in _line_cost(line, shapes).items():
+        total[key] += value
+      times = 1
+      if " while(" in line:
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        if not trip:
+          raise ValueError(f"a while loop without a known trip count: {line}")
+        times = int(trip.group(1))
+      for role, callee in re.findall(
+          r"(calls|body|to_apply|condition)=%([\w.\-]+)", line):
+        for key, value in walk(callee).items():
+          total[key] += (times if role == "body" else 1) * value
+    return total
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+  return walk(entry)
 
 
 def run(model: str) -> list[dict]:
@@ -125,9 +173,10 @@ def run(model: str) -> list[dict]:
       out = None if reference is None else compiled(args)
     err = None if reference is None else max(
         float(jnp.max(jnp.abs(out[k] - reference[k]))) for k in tree)
-    coll = collective_bytes(compiled.as_text())
+    costs = hlo_costs(compiled.as_text())
+    coll = {op: costs[op] for op in COLLECTIVES}
     rows.append(dict(model=model, method=name,
-                     flops_per_device=_flops(compiled),
+                     flops_per_device=costs["flops"],
                      even_share=total / DEVICES,
                      collective_bytes=sum(coll.values()),
                      collectives=coll, max_abs_err_vs_unsharded=err))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,3 +97,24 @@ def test_kernels_benchmark_quick(tmp_path, capsys):
     assert saved["interpreted"] and saved["peak_tflops"] is None
     assert all(r["pallas_peak"] is None for r in rows)
     assert "not performance figures" in capsys.readouterr().out
+
+
+def test_sharded_benchmark_quick(tmp_path):
+  """benchmarks/sharded.py --quick in its own process (it needs 8 devices)."""
+  import subprocess
+  out = tmp_path / "sh.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run([sys.executable, str(_BENCH / "sharded.py"), "--quick",
+                        "--out", str(out)], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  by = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+  # the FLOP count read from the HLO agrees with orthax's own: replicating
+  # does all the work on each of the 8 devices
+  assert abs(by["replicate"]["flops_vs_even_share"] - 8.0) < 1e-6
+  assert by["orthax"]["flops_per_device"] < by["replicate"]["flops_per_device"] / 4
+  assert by["orthax"]["collectives"]["all-to-all"] > 0
+  assert sum(v for k, v in by["orthax"]["collectives"].items()
+             if k != "all-to-all") == 0
+  assert by["orthax"]["bytes_vs_xla_optax"] < 0.25
+  assert by["orthax"]["max_abs_err_vs_unsharded"] < 1e-5
