@@ -351,10 +351,12 @@ def sharded_polar(polar: Callable[[jax.Array], jax.Array],
     originals.append(spec)
     dim = _matrix_axis_of(spec, view, axis)
     if dim is None and not explicit:
-      # Auto axes hide the layout while tracing: assume FSDP's, the first
-      # matrix axis that divides evenly (XLA reshards if it is not so).
-      dim = next((a for a in view.reduction_axes + view.output_axes
-                  if view.shape[a] % devices == 0), None)
+      # Auto axes hide the layout while tracing: assume the common FSDP
+      # layout, the largest matrix axis that divides evenly (the first of
+      # equals); XLA reshards if it is not so.
+      fits = [a for a in view.reduction_axes + view.output_axes
+              if view.shape[a] % devices == 0]
+      dim = max(fits, key=lambda a: view.shape[a], default=None)
     matrix_axis = dim is not None and dim not in view.batch_axes and (
         view.shape[dim] % devices == 0)
     if matrix_axis:

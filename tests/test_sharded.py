@@ -176,6 +176,25 @@ else:
       assert counts == {"all-to-all": 4, "all-gather": 0, "all-reduce": 0,
                         "reduce-scatter": 0, "collective-permute": 0}, counts
 
+  def test_auto_axes_assume_the_largest_axis():
+    """Under Auto axes the layout is invisible while tracing: leaves sharded
+    along their largest axis (the assumed FSDP layout) need no resharding,
+    just the two all_to_alls."""
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+    tree = {f"h{l}": {k: _rand(10 * l + i, s) for i, (k, s) in
+                      enumerate(SHAPES.items())} for l in range(2)}
+    specs = jax.tree.map(
+        lambda x: P("fsdp", None) if x.shape[0] >= x.shape[1] else
+        P(None, "fsdp"), tree)
+    sharded = _put(tree, mesh, specs)
+    tx = orthax.orthogonalize(mesh=mesh, mesh_axis="fsdp")
+    with jax.set_mesh(mesh):
+      f = jax.jit(lambda t: tx.update(t, None)[0])
+      out = f(sharded)
+      counts = _collectives(f.lower(sharded).compile().as_text())
+    assert counts["all-to-all"] == 2 and sum(counts.values()) == 2, counts
+    assert _max_err(out, orthax.orthogonalize().update(tree, None)[0]) < ATOL
+
   def test_uneven_groups_are_packed():
     """GPT-2 small's hidden matrices on 8 devices: 12 qkv, 12 proj and 24
     MLP matrices. Padding each group to a multiple of 8 costs 1.135x the even

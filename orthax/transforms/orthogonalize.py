@@ -137,7 +137,8 @@ def orthogonalize(
     mesh_axis: the mesh axis that shards the parameters (FSDP); may be
       omitted for a one-axis mesh. Under ``Explicit`` axes the leaves' layout
       is read from their types; under ``Auto`` axes it cannot be seen while
-      tracing, and the first matrix axis that the axis divides is assumed.
+      tracing, and the largest matrix axis that the mesh axis divides is
+      assumed (XLA reshards if the leaf is laid out otherwise).
 
   Returns:
     A stateless :class:`optax.GradientTransformation`.
