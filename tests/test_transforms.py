@@ -217,23 +217,6 @@ def test_dimension_numbers_callable():
     np.testing.assert_allclose(out["stack"][i], single["w"], atol=5e-6)
 
 
-def test_flax_nnx_gpt_labels():
-  """On a Flax NNX GPT's state, exactly the block kernels are matrices."""
-  from flax import nnx
-  import tiny_lm  # examples/, put on sys.path by conftest.py
-  model = tiny_lm.GPT(tiny_lm.Config(num_layers=1), rngs=nnx.Rngs(0))
-  labels = default_labels(nnx.state(model, nnx.Param))
-  got = {jax.tree_util.keystr(kp): l
-         for kp, l in jax.tree_util.tree_leaves_with_path(labels)}
-  matrices = sorted(k for k, l in got.items() if l == MATRIX)
-  assert matrices == sorted(
-      f"['blocks'][0]['{m}']['{p}']['kernel'].value"
-      for m, p in [("attn", "key"), ("attn", "out"), ("attn", "query"),
-                   ("attn", "value"), ("mlp", "down"), ("mlp", "up")])
-  assert got["['token_embed']['embedding'].value"] == ADAMW
-  assert got["['lm_head']['kernel'].value"] == ADAMW
-
-
 @pytest.mark.parametrize("coeffs", ["muon", "svd"])
 def test_stacked_equals_leaf_by_leaf(coeffs):
   """Same-shape leaves (and transposed shapes) run as one batch, same numbers."""

@@ -1,0 +1,101 @@
+"""GPT-2 small (124M) on FineWeb, with published hyper-parameters per method.
+
+Data: GPT-2-tokenized FineWeb shards in the llm.c ``.bin`` format, in
+``data/fineweb10B/`` relative to where you run. Either
+``python dev/data/fineweb.py --version 10B`` in karpathy/llm.c, or
+``python data/cached_fineweb10B.py 103`` in KellerJordan/modded-nanogpt
+(100M tokens per shard) writes them.
+
+  python examples/train_gpt2.py --config=configs/gpt2_small.py
+
+Sized as the published runs: 512 sequences of 1024 tokens per step, 64 per
+GPU on 8 GPUs of 80 GB. On fewer devices, accumulate gradients:
+``--config.microbatches=8`` (one H100) keeps the same step.
+
+Sources, cited per setting below:
+[llm.c] karpathy/llm.c, scripts/run_gpt2_124M.sh (the GPT-2 124M
+  reproduction: ``-b 64 -t 1024 -d 524288 -l 0.0006 -u 700 -q 0.0 -c 0.1
+  -v 250 -n 5000``, 18,865 steps for 10B tokens) and train_gpt2.cu (AdamW
+  betas 0.9/0.95, eps 1e-8, gradient clipping at norm 1; weight decay on the
+  matrices only). GPT-2's vocabulary of 50257 is padded to 50304 there.
+[modded] KellerJordan/modded-nanogpt,
+  records/track_2_medium/OptimizationLeaderboard/simple_train_gpt_medium.py
+  at commit 007191a, whose baseline is a 12-layer, 768-wide GPT trained with
+  Muon: lr 0.025, weight decay 0.01, momentum 0.95; AdamW for the rest with
+  betas 0.8/0.95, eps 1e-10 and rates 1/320 (head), 0.3 (embedding), 0.015
+  (scalars); 4500 steps of 524,288 tokens, constant rate then a linear
+  decay to 0 over the last 70%; no clipping.
+[normuon] zichongli5/NorMuon, normuon.py: the defaults lr 0.02, momentum
+  0.95, beta2 0.95.
+[pion] Sphere-AI-Lab/pion, megatron-lm/opt_llama_60M_pion.sh: lr 1e-3 decayed
+  by a cosine to 1e-5 with no warmup, Pion and Adam betas 0.9/0.95, rms 0.2,
+  clipping at 1 (its 1.3B script uses lr 5e-4). No GPT-2-size Pion recipe was
+  found; these are from the nearest published model.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+STEPS = 18_865  # [llm.c] 10B tokens at 524,288 tokens per step
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """GPT-2 small; each method's settings from its source."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.steps = STEPS
+  config.batch_size = 512  # [llm.c] -d 524288 = 512 x 1024 tokens
+  config.microbatches = 1
+  config.optimizers = "adamw,muon,normuon"
+  config.workdir = "runs/gpt2_small"
+  config.eval_every = 250  # [llm.c] -v 250
+  # 20 x 512 x 1024 = 10,485,760 tokens: [modded]'s fixed validation set.
+  config.eval_batches = 20
+  config.log_every = 10
+  config.checkpoint_every = 5000  # [llm.c] -n 5000
+  config.keep_checkpoints = 2
+
+  config.model = ml_collections.ConfigDict(dict(
+      vocab_size=50257,  # GPT-2's tokenizer
+      padded_vocab_size=50304,  # [llm.c]: a multiple of 128
+      context=1024,
+      width=768,
+      num_layers=12,
+      num_heads=12,
+      mlp_ratio=4,
+      tie_embeddings=True,  # GPT-2 ties the head to wte
+      dtype="bfloat16",  # compute; parameters and optimizer state are f32
+  ))
+  config.data = ml_collections.ConfigDict(dict(
+      train_files="data/fineweb10B/fineweb_train_*.bin",
+      val_files="data/fineweb10B/fineweb_val_*.bin",
+      val_every_nth_file=10,  # only for the standard-library corpus
+  ))
+  config.mesh = ml_collections.ConfigDict(dict(data=1))
+
+  # [modded]'s AdamW part for Muon and NorMuon. orthax gives one rate to all
+  # AdamW leaves; with the head tied to the embedding, the head's rate.
+  modded_adam = dict(adam_learning_rate=1 / 320, adam_b1=0.8, adam_b2=0.95,
+                     adam_eps=1e-10, adam_weight_decay=0.0)
+  modded_schedule = dict(warmup_frac=0.0, cooldown_frac=0.7, decay="linear",
+                         end_lr_frac=0.0, grad_clip=0.0)
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=config_dict.placeholder(float),  # sweeps: all methods
+      adamw=dict(  # [llm.c]
+          learning_rate=6e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+          warmup_frac=700 / STEPS, cooldown_frac=1.0, decay="cosine",
+          end_lr_frac=0.0, grad_clip=1.0),
+      muon=dict(  # [modded]
+          learning_rate=0.025, momentum=0.95, weight_decay=0.01,
+          **modded_adam, **modded_schedule),
+      normuon=dict(  # [normuon] rates; [modded] weight decay, AdamW, schedule
+          learning_rate=0.02, momentum=0.95, beta2=0.95, weight_decay=0.01,
+          **modded_adam, **modded_schedule),
+      pion=dict(  # [pion]; its weight decay 0.1 is left out: orthax's AdamW
+          # part has no mask and would decay the norms too.
+          learning_rate=1e-3, b1=0.9, b2=0.95, adam_learning_rate=1e-3,
+          adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, adam_weight_decay=0.0,
+          warmup_frac=0.0, cooldown_frac=1.0, decay="cosine",
+          end_lr_frac=0.01, grad_clip=1.0),
+  ))
+  return config

@@ -1,0 +1,771 @@
+r"""Train GPT-2 with AdamW, Muon, NorMuon or Pion, and compare them.
+
+Run from the repository root::
+
+  python examples/train_gpt2.py --config=configs/tiny.py
+  python examples/train_gpt2.py --config=configs/tiny.py --optimizers=muon \
+      --config.optimizer.muon.learning_rate=0.03 --config.steps=500
+  python examples/train_gpt2.py --config=configs/gpt2_small.py --resume
+
+Each optimizer named by ``--optimizers`` (default: the config's
+``optimizers``) trains a fresh model from the same seed on the same batches.
+Written under ``config.workdir``: ``<optimizer>/metrics.jsonl`` (one JSON
+line per logged step: mean training loss since the previous line, tokens/s,
+and the validation loss at evaluation steps), ``<optimizer>/checkpoints/``
+(orbax, every ``config.checkpoint_every`` steps) and ``loss.png`` (training
+and validation loss, one line per optimizer). At the end a table of the final
+losses goes to stdout.
+
+The model is GPT-2 in Flax NNX: learned token and position embeddings
+(``wte``, ``wpe``), pre-LayerNorm blocks of causal self-attention and a GELU
+MLP, a final LayerNorm, and a head tied to ``wte`` or a separate ``lm_head``.
+``orthax.muon``, ``orthax.normuon`` and ``orthax.pion`` give the hidden
+matrices (attention and MLP kernels) their orthogonalized or rotated updates
+and route ``wte``, ``wpe``, ``lm_head``, the norms and the biases to AdamW by
+key name (:mod:`orthax.labels`).
+
+Data (``config.data``): ``train_files``/``val_files`` globs of llm.c /
+modded-nanogpt ``.bin`` token shards, read through ``np.memmap``; with no
+``train_files``, the bytes of the Python standard library's source
+(:mod:`gpt2_data`). Batches are a pure function of ``(seed, step)``, so
+``--resume`` continues from the latest checkpoint exactly as if the run had
+never stopped (same parameters, optimizer state, step and batches).
+
+Devices: one mesh over all of ``jax.devices()`` with axes ``("data",
+"fsdp")`` (``config.mesh.data`` × the rest). The batch is split over both
+axes; every parameter and optimizer-state leaf is sharded along its largest
+axis divisible by the ``fsdp`` size (replicated if none is), FSDP-style, and
+the step is jitted with those shardings.
+
+Multi-host (TPU pods, GPU clusters): start the same command on every host
+with ``--distributed``, which calls ``jax.distributed.initialize()`` before
+anything else touches JAX. On Cloud TPU, SLURM, Open MPI and Kubernetes it
+finds the coordinator, process count and process id from the environment;
+elsewhere call ``jax.distributed.initialize(coordinator_address,
+num_processes, process_id)`` yourself first. Every host must see the token
+shards and the same ``workdir`` (a shared filesystem): each process reads
+only its own rows of every batch, orbax writes the sharded checkpoints
+together, and process 0 alone writes metrics and the plot.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from ml_collections import config_flags
+from tqdm import tqdm
+
+import gpt2_data
+import orthax
+
+__all__ = [
+    "GPT",
+    "OPTIMIZERS",
+    "format_table",
+    "fsdp_sharding",
+    "load_config",
+    "load_data",
+    "make_mesh",
+    "make_optimizer",
+    "make_schedule",
+    "parse_optimizers",
+    "plot_losses",
+    "run",
+    "train",
+]
+
+OPTIMIZERS = ("adamw", "muon", "normuon", "pion")
+# Mesh axes: the batch is split over both, parameters over "fsdp".
+MESH_AXES = ("data", "fsdp")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None,
+    "Config file (configs/*.py); override fields with --config.<field>=...")
+flags.mark_flag_as_required("config")
+flags.DEFINE_string("optimizers", None,
+                    "Comma-separated optimizers to compare, from "
+                    f"{','.join(OPTIMIZERS)} (default: config.optimizers).")
+flags.DEFINE_bool("resume", False,
+                  "Continue each optimizer's run from its latest checkpoint.")
+flags.DEFINE_integer("stop_at", None,
+                     "Stop after this step (checkpointing there); --resume "
+                     "continues the run.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host).")
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nnx.Module):
+  """Multi-head causal self-attention with separate Q, K, V and output kernels.
+
+  GPT-2 stores the three input projections as one ``(width, 3 width)``
+  kernel; separate kernels compute the same function and make each
+  projection its own hidden matrix for Muon (as modded-nanogpt does).
+  """
+
+  def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f"num_heads={num_heads} must divide width={width}")
+    self.num_heads = num_heads
+    dense = functools.partial(nnx.Linear, width, width, dtype=dtype, rngs=rngs)
+    self.query, self.key, self.value, self.proj = (dense(), dense(), dense(),
+                                                   dense())
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+    y = jax.nn.dot_product_attention(
+        heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
+        is_causal=True)
+    return self.proj(y.reshape(b, t, d))
+
+
+class MLP(nnx.Module):
+  """GPT-2's feed-forward network: ``proj(gelu(fc(x)))`` (tanh GELU)."""
+
+  def __init__(self, width: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc = nnx.Linear(width, hidden, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(hidden, width, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.proj(nnx.gelu(self.fc(x), approximate=True))
+
+
+def _layer_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, rngs=rngs)  # GPT-2's
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+  def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, dtype,
+               rngs: nnx.Rngs):
+    self.ln_1 = _layer_norm(width, dtype, rngs)
+    self.attn = CausalSelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
+    self.ln_2 = _layer_norm(width, dtype, rngs)
+    self.mlp = MLP(width, mlp_ratio * width, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln_1(x))
+    return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nnx.Module):
+  """GPT-2: embeddings, pre-LN blocks, final LayerNorm, tied or separate head.
+
+  Attribute names follow GPT-2's checkpoints (``wte``, ``wpe``, ``h``,
+  ``ln_f``; ``lm_head`` when untied), which orthax's default labels route to
+  AdamW; every other 2-D kernel is a ``(fan_in, fan_out)`` hidden matrix.
+  The embedding tables have ``padded_vocab_size`` rows (a multiple of 128
+  runs faster); the logits are cut back to ``vocab_size`` so padded ids never
+  take probability. Embeddings start at GPT-2's N(0, 0.02²), hidden kernels
+  at Flax's LeCun normal, an untied head at zero (every run starts at the
+  uniform prediction).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    """Builds the model.
+
+    Args:
+      config: ``vocab_size``, ``padded_vocab_size``, ``context``, ``width``,
+        ``num_layers``, ``num_heads``, ``mlp_ratio``, ``tie_embeddings`` and
+        ``dtype`` (the compute dtype; parameters are float32).
+      rngs: initialization keys.
+    """
+    if config.padded_vocab_size < config.vocab_size:
+      raise ValueError(f"padded_vocab_size={config.padded_vocab_size} is "
+                       f"smaller than vocab_size={config.vocab_size}")
+    dtype = jnp.dtype(config.dtype)
+    init = nnx.initializers.normal(stddev=0.02)
+    self.vocab_size = config.vocab_size
+    self.tie_embeddings = config.tie_embeddings
+    self.wte = nnx.Embed(config.padded_vocab_size, config.width,
+                         embedding_init=init, dtype=dtype, rngs=rngs)
+    self.wpe = nnx.Embed(config.context, config.width, embedding_init=init,
+                         dtype=dtype, rngs=rngs)
+    self.h = nnx.List([
+        Block(config.width, config.num_heads, config.mlp_ratio, dtype=dtype,
+              rngs=rngs) for _ in range(config.num_layers)])
+    self.ln_f = _layer_norm(config.width, dtype, rngs)
+    if not config.tie_embeddings:
+      self.lm_head = nnx.Linear(config.width, config.padded_vocab_size,
+                                use_bias=False,
+                                kernel_init=nnx.initializers.zeros,
+                                dtype=dtype, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Logits ``(batch, time, vocab_size)`` for int tokens ``(batch, time)``."""
+    x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[1]))
+    for block in self.h:
+      x = block(x)
+    x = self.ln_f(x)
+    logits = self.wte.attend(x) if self.tie_embeddings else self.lm_head(x)
+    return logits[..., :self.vocab_size]
+
+
+def _loss(model: GPT, batch: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy (nats) of ``(batch, context + 1)`` tokens."""
+  logits = model(batch[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch[:, 1:]).mean()
+
+
+# ---------------------------------------------------------------------------
+# Optimizers
+# ---------------------------------------------------------------------------
+
+
+def make_schedule(peak: float, hparams: ml_collections.ConfigDict,
+                  steps: int) -> optax.Schedule:
+  """Linear warmup, constant, then a cosine or linear decay to the end.
+
+  Args:
+    peak: the peak learning rate.
+    hparams: ``warmup_frac`` (of ``steps``, from 0 to ``peak``),
+      ``cooldown_frac`` (the last fraction of ``steps`` that decays; 1 decays
+      from the end of the warmup on), ``decay`` (``"cosine"`` or
+      ``"linear"``) and ``end_lr_frac`` (the final rate over ``peak``).
+    steps: the run's training steps.
+
+  Returns:
+    An optax schedule of the step count.
+  """
+  if hparams.decay not in ("cosine", "linear"):
+    raise ValueError(f"decay must be 'cosine' or 'linear', got "
+                     f"{hparams.decay!r}")
+  warmup = round(hparams.warmup_frac * steps)
+  decay_start = max(warmup, steps - round(hparams.cooldown_frac * steps))
+  decay_steps = max(1, steps - decay_start)
+  if hparams.decay == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps,
+                                        alpha=hparams.end_lr_frac)
+  else:
+    decay = optax.linear_schedule(peak, hparams.end_lr_frac * peak,
+                                  decay_steps)
+  pieces, boundaries = [optax.constant_schedule(peak), decay], [decay_start]
+  if warmup:
+    pieces.insert(0, optax.linear_schedule(0.0, peak, warmup))
+    boundaries.insert(0, warmup)
+  return optax.join_schedules(pieces, boundaries)
+
+
+def make_optimizer(name: str, config: ml_collections.ConfigDict,
+                   mesh: Mesh) -> optax.GradientTransformation:
+  """The optimizer ``name`` with the hyper-parameters of ``config.optimizer``.
+
+  ``config.optimizer.<name>`` holds each method's settings (the configs cite
+  their sources); ``config.optimizer.learning_rate``, when set, replaces the
+  peak learning rate of every method (the hidden matrices' for Muon, NorMuon
+  and Pion), for sweeps. AdamW decays only the leaves with two or more axes
+  (llm.c's and nanoGPT's rule). Muon, NorMuon and Pion give the other leaves
+  to AdamW with the ``adam_*`` settings and the same schedule shape.
+
+  Args:
+    name: one of :data:`OPTIMIZERS`.
+    config: the run's config (``optimizer`` and ``steps`` are read).
+    mesh: the device mesh the parameters are sharded over.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+  """
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r}; expected one of "
+                     f"{OPTIMIZERS}")
+  hp = config.optimizer[name]
+  peak = config.optimizer.learning_rate or hp.learning_rate
+  lr = make_schedule(peak, hp, config.steps)
+  if name == "adamw":
+    tx = optax.adamw(lr, b1=hp.b1, b2=hp.b2, eps=hp.eps,
+                     weight_decay=hp.weight_decay,
+                     mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+  else:
+    adam = dict(adam_learning_rate=make_schedule(hp.adam_learning_rate, hp,
+                                                 config.steps),
+                adam_b1=hp.adam_b1, adam_b2=hp.adam_b2, adam_eps=hp.adam_eps,
+                adam_weight_decay=hp.adam_weight_decay)
+    # Each device orthogonalizes whole matrices for its share of the
+    # FSDP-sharded ones (two all_to_alls per step, orthax.sharded); with an
+    # fsdp axis of size 1 this is the plain unsharded path.
+    sharded = dict(mesh=mesh, mesh_axis="fsdp")
+    if name == "muon":
+      tx = orthax.muon(lr, beta=hp.momentum, weight_decay=hp.weight_decay,
+                       **sharded, **adam)
+    elif name == "normuon":
+      tx = orthax.normuon(lr, beta=hp.momentum, beta2=hp.beta2,
+                          weight_decay=hp.weight_decay, **sharded, **adam)
+    else:
+      tx = orthax.pion(lr, b1=hp.b1, b2=hp.b2, **adam)
+  if hp.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(hp.grad_clip), tx)
+  return tx
+
+
+def parse_optimizers(names: str) -> tuple[str, ...]:
+  """``"adamw,muon"`` -> ``("adamw", "muon")``, checked against the choices."""
+  parsed = tuple(n.strip() for n in names.split(",") if n.strip())
+  unknown = [n for n in parsed if n not in OPTIMIZERS]
+  if unknown or not parsed:
+    raise ValueError(f"unknown or no optimizers in {names!r}; choose from "
+                     f"{','.join(OPTIMIZERS)}")
+  return parsed
+
+
+# ---------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------
+
+
+def make_mesh(data: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
+  """A ``("data", "fsdp")`` mesh of shape ``(data, len(devices) // data)``.
+
+  Args:
+    data: size of the ``data`` axis (pure data parallelism: parameters are
+      replicated across it); the rest of the devices form ``fsdp``.
+    devices: defaults to ``jax.devices()`` (every process's devices).
+  """
+  devices = jax.devices() if devices is None else devices
+  if data < 1 or len(devices) % data:
+    raise ValueError(f"mesh data axis {data} does not divide the "
+                     f"{len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(data, -1), MESH_AXES)
+
+
+def fsdp_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+  """Shards the largest axis of ``shape`` divisible by the ``fsdp`` size.
+
+  Ties go to the first such axis; with no divisible axis (scalars included)
+  the leaf is replicated.
+  """
+  size = mesh.shape["fsdp"]
+  spec = [None] * len(shape)
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % size == 0:
+      spec[axis] = "fsdp"
+      break
+  return NamedSharding(mesh, P(*spec))
+
+
+def _batch_shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """Of a training batch ``(B, L)`` and of the validation set ``(E, B, L)``."""
+  return (NamedSharding(mesh, P(MESH_AXES, None)),
+          NamedSharding(mesh, P(None, MESH_AXES, None)))
+
+
+def _split_microbatches(batch: jax.Array, count: int) -> jax.Array:
+  """``(B, L) -> (count, B / count, L)``: microbatch ``i`` is rows i, i+count...
+
+  Taking every ``count``-th row keeps each device's rows on that device when
+  its share of the batch is a multiple of ``count``.
+  """
+  b, length = batch.shape
+  return batch.reshape(b // count, count, length).swapaxes(0, 1)
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (what ``--config=path`` loads)."""
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def load_data(config: ml_collections.ConfigDict,
+              ) -> tuple[gpt2_data.Tokens, gpt2_data.Tokens]:
+  """``(train, val)`` tokens of ``config.data`` (``gpt2_data.load_splits``)."""
+  return gpt2_data.load_splits(config.data.train_files, config.data.val_files,
+                               config.data.val_every_nth_file)
+
+
+def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  if config.batch_size % (mesh.size * config.microbatches):
+    raise ValueError(
+        f"batch_size={config.batch_size} must be a multiple of the "
+        f"{mesh.size} devices times microbatches={config.microbatches}")
+
+
+def _step_functions(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    shardings: Any, mesh: Mesh, microbatches: int):
+  """The jitted training step and validation loss, with their shardings.
+
+  Args:
+    graphdef: the model's structure (:func:`flax.nnx.split`).
+    tx: the optimizer.
+    shardings: of the train state ``{"params", "opt_state"}``.
+    mesh: the device mesh.
+    microbatches: gradient accumulation: each batch is split into this many
+      parts whose gradients are averaged (one optimizer step).
+
+  Returns:
+    ``train_step(state, batch) -> (state, loss)`` (donating ``state``) and
+    ``evaluate(params, batches) -> loss`` (the mean over ``batches``).
+  """
+  batch_sharding, eval_sharding = _batch_shardings(mesh)
+  replicated = NamedSharding(mesh, P())
+
+  def loss_fn(params, batch):
+    return _loss(nnx.merge(graphdef, params), batch)
+
+  def value_and_grad(params, batch):
+    if microbatches == 1:
+      return jax.value_and_grad(loss_fn)(params, batch)
+
+    def accumulate(total, microbatch):
+      out = jax.value_and_grad(loss_fn)(params, microbatch)
+      return jax.tree.map(jnp.add, total, out), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(accumulate, zero,
+                            _split_microbatches(batch, microbatches))
+    return jax.tree.map(lambda x: x / microbatches, total)
+
+  @functools.partial(jax.jit, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, replicated), donate_argnums=0)
+  def train_step(state, batch):
+    loss, grads = value_and_grad(state["params"], batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, loss
+
+  @functools.partial(jax.jit,
+                     in_shardings=(shardings["params"], eval_sharding),
+                     out_shardings=replicated)
+  def evaluate(params, batches):
+    per_batch = lambda b: jax.lax.map(
+        lambda m: loss_fn(params, m),
+        _split_microbatches(b, microbatches)).mean()
+    return jax.lax.map(per_batch, batches).mean()
+
+  return train_step, evaluate
+
+
+class _Checkpoints:
+  """Orbax checkpoints of the train state, with the run's identity beside it."""
+
+  def __init__(self, directory: Path, meta: dict[str, Any], keep: int):
+    self.meta = meta
+    self.manager = ocp.CheckpointManager(
+        directory.resolve(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(self.meta)))
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        meta=ocp.args.JsonRestore()))
+    if restored.meta != self.meta:
+      raise ValueError(
+          f"the checkpoint at step {step} in {self.manager.directory} is of "
+          f"another run ({restored.meta}); this run is {self.meta}")
+    return restored.state
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class _Metrics:
+  """A run's metrics lines: kept in memory, and in JSONL by process 0."""
+
+  def __init__(self, path: Path, history: list[dict[str, Any]]):
+    """Starts ``path`` afresh with ``history`` (the lines kept on resume)."""
+    self.history = list(history)
+    self.file = None
+    if jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      self.file = path.open("w")
+      self.file.writelines(json.dumps(l) + "\n" for l in history)
+
+  @staticmethod
+  def read(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """The lines of ``path`` up to ``last_step``, where a resumed run starts."""
+    if not path.exists():
+      return []
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    return [l for l in lines if l["step"] <= last_step]
+
+  def log(self, line: dict[str, Any]) -> None:
+    self.history.append(line)
+    if self.file:
+      self.file.write(json.dumps(line) + "\n")
+      self.file.flush()
+
+  def close(self) -> None:
+    if self.file:
+      self.file.close()
+
+
+def _summary(name: str, history: list[dict[str, Any]],
+             config: ml_collections.ConfigDict, seconds_per_step: float,
+             ) -> dict[str, Any]:
+  """The curves of ``history`` and the final figures of a run."""
+  trained = [l for l in history if "train_loss" in l]
+  evaluated = [l for l in history if "val_loss" in l]
+  last = trained[-1]["step"] if trained else 0
+  # Mean over the last evaluation interval: less noisy than the last batch.
+  tail = [l["train_loss"] for l in trained
+          if l["step"] > last - config.eval_every]
+  return {
+      "optimizer": name,
+      "steps": [l["step"] for l in trained],
+      "train_loss": [l["train_loss"] for l in trained],
+      "eval_steps": [l["step"] for l in evaluated],
+      "val_loss": [l["val_loss"] for l in evaluated],
+      "final_train_loss": float(np.mean(tail)) if tail else math.nan,
+      "final_val_loss": evaluated[-1]["val_loss"],
+      "seconds_per_step": seconds_per_step,
+      "tokens_per_second": (config.batch_size * config.model.context
+                            / seconds_per_step),
+  }
+
+
+def train(config: ml_collections.ConfigDict, name: str,
+          data: tuple[gpt2_data.Tokens, gpt2_data.Tokens], *,
+          mesh: Mesh | None = None, resume: bool = False,
+          stop_at: int | None = None, progress: bool = False,
+          ) -> dict[str, Any]:
+  """Trains a fresh (or resumed) :class:`GPT` with one optimizer.
+
+  Step ``s`` (from 1) trains on :func:`gpt2_data.train_batch` ``(seed, s)``;
+  the model is initialized from ``config.seed``; validation runs at step 0,
+  every ``config.eval_every`` steps and at ``config.steps`` on fixed
+  held-out windows.
+
+  Args:
+    config: the run's config (see ``configs/``).
+    name: one of :data:`OPTIMIZERS`.
+    data: ``(train, val)`` tokens (:func:`load_data`).
+    mesh: the device mesh; ``make_mesh(config.mesh.data)`` by default.
+    resume: continue from the latest checkpoint in
+      ``<workdir>/<name>/checkpoints`` if there is one. Without it, finding a
+      checkpoint there is an error.
+    stop_at: stop after this step (saving a checkpoint if checkpointing is
+      on), as a job with a time limit would; ``resume`` continues the run.
+    progress: show a tqdm bar with the loss and tokens/s.
+
+  Returns:
+    A dict: ``optimizer``; ``steps`` and ``train_loss`` (per logged step, the
+    mean since the previous one); ``eval_steps`` and ``val_loss``;
+    ``final_train_loss`` (mean over the last ``eval_every`` steps),
+    ``final_val_loss``, ``seconds_per_step`` (training steps of this session
+    after its first, which compiles; evaluation excluded) and
+    ``tokens_per_second``.
+  """
+  mesh = make_mesh(config.mesh.data) if mesh is None else mesh
+  _check_batch(config, mesh)
+  tx = make_optimizer(name, config, mesh)
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: GPT(config.model, rngs=nnx.Rngs(0))))
+
+  def init():
+    params = nnx.state(GPT(config.model, rngs=nnx.Rngs(config.seed)),
+                       nnx.Param)
+    return {"params": params, "opt_state": tx.init(params)}
+
+  abstract = jax.eval_shape(init)
+  shardings = jax.tree.map(lambda x: fsdp_sharding(x.shape, mesh), abstract)
+  batch_sharding, eval_sharding = _batch_shardings(mesh)
+  train_step, evaluate = _step_functions(graphdef, tx, shardings, mesh,
+                                         config.microbatches)
+  run_dir = Path(config.workdir) / name
+  metrics_path = run_dir / "metrics.jsonl"
+  checkpoints = (_Checkpoints(run_dir / "checkpoints",
+                              {"optimizer": name, "seed": config.seed,
+                               "steps": config.steps},
+                              config.keep_checkpoints)
+                 if config.checkpoint_every else None)
+  latest = checkpoints.latest_step() if checkpoints else None
+  if latest is not None and not resume:
+    raise FileExistsError(
+        f"{run_dir / 'checkpoints'} holds a checkpoint at step {latest}: "
+        "pass --resume to continue that run, or choose another "
+        "config.workdir")
+  if latest is None:
+    start, history = 0, []
+    state = jax.jit(init, out_shardings=shardings)()
+  else:
+    start = latest
+    history = _Metrics.read(metrics_path, start)
+    state = checkpoints.restore(start, jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, shardings))
+
+  metrics = _Metrics(metrics_path, history)
+  train_tokens, val_tokens = data
+  length = config.model.context + 1
+  rows = dict(process_index=jax.process_index(),
+              process_count=jax.process_count())
+  val_batches = jax.make_array_from_process_local_data(
+      eval_sharding,
+      gpt2_data.eval_batches(val_tokens, config.eval_batches,
+                             config.batch_size, length, **rows),
+      (config.eval_batches, config.batch_size, length))
+  if start == 0:
+    metrics.log({"step": 0, "val_loss": float(evaluate(state["params"],
+                                                       val_batches))})
+
+  end = config.steps if stop_at is None else min(stop_at, config.steps)
+  tokens_per_step = config.batch_size * config.model.context
+  bar = tqdm(total=config.steps, initial=start, desc=name,
+             disable=not progress)
+  pending, clock, interval, train_time, timed = [], None, 0, 0.0, 0
+  for step in range(start + 1, end + 1):
+    batch = jax.make_array_from_process_local_data(
+        batch_sharding,
+        gpt2_data.train_batch(train_tokens, config.seed, step,
+                              config.batch_size, length, **rows),
+        (config.batch_size, length))
+    state, loss = train_step(state, batch)
+    pending.append(loss)
+    bar.update(1)
+    if clock is None:  # The first step compiles: keep it out of the timing.
+      jax.block_until_ready(loss)
+      clock = time.perf_counter()
+    else:
+      interval += 1
+    evaluate_now = step % config.eval_every == 0 or step == config.steps
+    if step % config.log_every and not evaluate_now and step != end:
+      continue
+    line = {"step": step,
+            "train_loss": float(np.mean(jax.device_get(pending)))}
+    if interval:
+      seconds = time.perf_counter() - clock
+      train_time, timed = train_time + seconds, timed + interval
+      line["tokens_per_s"] = interval * tokens_per_step / seconds
+    if evaluate_now:
+      line["val_loss"] = float(evaluate(state["params"], val_batches))
+    if checkpoints and (step % config.checkpoint_every == 0 or step == end):
+      checkpoints.save(step, state)
+    metrics.log(line)
+    bar.set_postfix(loss=f"{line['train_loss']:.3f}",
+                    tokens_per_s=f"{line.get('tokens_per_s', 0):.0f}")
+    pending, interval, clock = [], 0, time.perf_counter()
+  bar.close()
+  if checkpoints:
+    checkpoints.close()
+  metrics.close()
+  return _summary(name, metrics.history, config,
+                  train_time / timed if timed else math.nan)
+
+
+# ---------------------------------------------------------------------------
+# Reporting and the command line
+# ---------------------------------------------------------------------------
+
+
+def plot_losses(results: list[dict[str, Any]], title: str = "") -> Figure:
+  """Training and validation loss against step, one line per optimizer.
+
+  Returns a figure on the Agg canvas (no global backend is touched, so it
+  also displays inline in a notebook); ``fig.savefig(path)`` writes a PNG.
+  """
+  fig = Figure(figsize=(10, 4))
+  FigureCanvasAgg(fig)
+  train_ax, val_ax = fig.subplots(1, 2)
+  for r in results:
+    train_ax.plot(r["steps"], r["train_loss"], lw=0.8, label=r["optimizer"])
+    val_ax.plot(r["eval_steps"], r["val_loss"], marker=".",
+                label=r["optimizer"])
+  # Zoom past step 0 (the same loss for every run) to where the runs differ.
+  trained = [v for r in results for v in r["val_loss"][1:]]
+  if trained:
+    val_ax.set_ylim(min(trained) - 0.05,
+                    max(r["val_loss"][1] for r in results
+                        if len(r["val_loss"]) > 1) + 0.1)
+  for ax, what in ((train_ax, "training"), (val_ax, "validation")):
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{what} loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+  """Final losses and speed per optimizer, one row each."""
+  rows = [f"{'optimizer':<10} {'train loss':>10} {'val loss':>10} "
+          f"{'s/step':>8} {'tokens/s':>10}"]
+  rows += [f"{r['optimizer']:<10} {r['final_train_loss']:>10.4f} "
+           f"{r['final_val_loss']:>10.4f} {r['seconds_per_step']:>8.4f} "
+           f"{r['tokens_per_second']:>10.0f}" for r in results]
+  return "\n".join(rows)
+
+
+def run(config: ml_collections.ConfigDict, names: tuple[str, ...] | None = None,
+        *, resume: bool = False, stop_at: int | None = None,
+        progress: bool = False) -> list[dict[str, Any]]:
+  """Trains each optimizer of ``names`` (default: ``config.optimizers``).
+
+  Process 0 writes ``<workdir>/loss.png`` and prints :func:`format_table`.
+
+  Returns:
+    The :func:`train` results, in order.
+  """
+  names = parse_optimizers(config.optimizers) if names is None else names
+  data = load_data(config)
+  mesh = make_mesh(config.mesh.data)
+  print(f"data: {data[0].num_tokens:,} training and {data[1].num_tokens:,} "
+        f"validation tokens; mesh {dict(mesh.shape)} of "
+        f"{jax.device_count()} {jax.default_backend()} device(s)")
+  results = [train(config, n, data, mesh=mesh, resume=resume,
+                   stop_at=stop_at, progress=progress) for n in names]
+  if jax.process_index() == 0:
+    plot = Path(config.workdir) / "loss.png"
+    plot_losses(results, f"{config.model.num_layers} layers, width "
+                f"{config.model.width}").savefig(plot, dpi=120)
+    print("\n" + format_table(results))
+    print(f"\nwrote {plot} and <optimizer>/metrics.jsonl in {config.workdir}")
+  return results
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # absl logs INFO by default
+    logging.set_verbosity(logging.WARNING)
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  config = FLAGS.config
+  names = parse_optimizers(FLAGS.optimizers or config.optimizers)
+  run(config, names, resume=FLAGS.resume, stop_at=FLAGS.stop_at,
+      progress=sys.stderr.isatty())
+
+
+if __name__ == "__main__":
+  app.run(main)
