@@ -25,8 +25,6 @@ there, and its times are not performance figures.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import jax
@@ -36,8 +34,8 @@ import numpy as np
 import orthax
 from orthax.polar.newton_schulz import newton_schulz_flops
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from orthogonalize import decaying_gradients, timeit  # noqa: E402  pylint: disable=g-import-not-at-top
+from harness import median_seconds, write_json
+from orthogonalize import decaying_gradients
 
 SETS = {
     "small": [(768, 2304), (768, 768), (768, 3072), (3072, 768)],
@@ -80,7 +78,7 @@ def run(set_names, reps: int, peak: float | None) -> list[dict]:
         for backend in ("xla", "pallas"):
           tx = orthax.orthogonalize(backend=backend, gram=gram)
           fn = jax.jit(lambda t, tx=tx: tx.update(t, None)[0])
-          times[backend] = timeit(fn, x, reps)
+          times[backend] = median_seconds(fn, x, reps=reps)
           out[backend] = np.asarray(fn(x)["w"], np.float64)
         flops = newton_schulz_flops(m, n, STEPS, gram=gram)
         frac = lambda t: None if peak is None else flops / t / (peak * 1e12)
@@ -137,12 +135,9 @@ def main(argv=None) -> list[dict]:
   print_table(rows)
   if interpreted:
     print(INTERPRET_NOTICE)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(dict(
-      device=device.device_kind, platform=jax.default_backend(),
-      interpreted=interpreted, peak_tflops=peak, jax=jax.__version__,
-      rows=rows), indent=1))
-  print(f"wrote {args.out}")
+  write_json(args.out, rows, device=device.device_kind,
+             platform=jax.default_backend(), interpreted=interpreted,
+             peak_tflops=peak)
   return rows
 
 

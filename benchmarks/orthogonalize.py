@@ -29,9 +29,6 @@ repetition (the test suite runs it).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -40,6 +37,7 @@ import numpy as np
 from optax.contrib import _muon as optax_muon
 
 import orthax
+from harness import median_seconds, write_json
 from orthax.polar import PRESETS
 from orthax.polar.newton_schulz import newton_schulz_flops, use_gram
 
@@ -94,16 +92,6 @@ def quality(tree) -> float:
   return worst
 
 
-def timeit(fn, arg, reps: int) -> float:
-  jax.block_until_ready(fn(arg))  # compile and warm up
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(arg))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def run(set_names, reps: int) -> list[dict]:
   rows = []
   for name in set_names:
@@ -119,9 +107,9 @@ def run(set_names, reps: int) -> list[dict]:
     k = int(round((flops / 2) ** (1 / 3)))
     square = jnp.ones((k, k), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
-    t_default = timeit(optax_default, grads, reps)
-    t_scan = timeit(optax_scan, grads, reps)
-    t_matmul = timeit(matmul, square, reps)
+    t_default = median_seconds(optax_default, grads, reps=reps)
+    t_scan = median_seconds(optax_scan, grads, reps=reps)
+    t_matmul = median_seconds(matmul, square, reps=reps)
     rows.append(dict(set=name, method="optax default", time_s=t_default,
                      vs_optax_default=1.0, vs_optax_scan=t_default / t_scan,
                      vs_matmul=t_default / t_matmul, flops=1.0,
@@ -133,7 +121,7 @@ def run(set_names, reps: int) -> list[dict]:
     for method, kw in METHODS.items():
       tx = orthax.orthogonalize(**kw)
       fn = jax.jit(lambda t, tx=tx: tx.update(t, None)[0])
-      t = timeit(fn, grads, reps)
+      t = median_seconds(fn, grads, reps=reps)
       svd = kw.get("coeffs") == "svd"
       rows.append(dict(
           set=name, method=f"orthax {method}", time_s=t,
@@ -175,11 +163,7 @@ def main(argv=None) -> list[dict]:
     parser.error(f"unknown sets {unknown}; choose from {sorted(SETS)}")
   rows = run(sets, 1 if args.quick else args.reps)
   print_table(rows)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(dict(
-      devices=[str(d) for d in jax.devices()], jax=jax.__version__,
-      rows=rows), indent=1))
-  print(f"wrote {args.out}")
+  write_json(args.out, rows)
   return rows
 
 

@@ -36,7 +36,6 @@ if "jax" not in globals():  # before JAX initializes its backend
                              f" --xla_force_host_platform_device_count={DEVICES}")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -47,6 +46,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 from optax.contrib import _muon as optax_muon  # noqa: E402
 
 import orthax  # noqa: E402
+from harness import write_json  # noqa: E402
 from orthax.polar import PRESETS  # noqa: E402
 from orthax.polar.newton_schulz import newton_schulz_flops, use_gram  # noqa: E402
 
@@ -214,10 +214,7 @@ def main(argv=None) -> list[dict]:
                      "(it sets XLA_FLAGS before JAX starts)")
   rows = run("quick" if args.quick else "gpt2_small")
   print_table(rows)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(dict(jax=jax.__version__, devices=DEVICES,
-                                      rows=rows), indent=1))
-  print(f"wrote {args.out}")
+  write_json(args.out, rows)
   return rows
 
 

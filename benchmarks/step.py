@@ -22,9 +22,6 @@ suite runs it).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -33,6 +30,7 @@ import numpy as np
 import optax
 
 import orthax
+from harness import median_seconds, write_json
 
 # (vocab, context, width, layers)
 MODELS = {"gpt2_small": (50257, 1024, 768, 12), "quick": (256, 64, 64, 2)}
@@ -87,14 +85,7 @@ def time_step(tx, params, grads, reps: int) -> float:
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  state = tx.init(params)
-  jax.block_until_ready(step(params, state, grads))  # compile and warm up
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(step(params, state, grads))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return median_seconds(step, params, tx.init(params), grads, reps=reps)
 
 
 def run(model: str, reps: int) -> list[dict]:
@@ -128,11 +119,7 @@ def main(argv=None) -> list[dict]:
   rows = run("quick" if args.quick else "gpt2_small",
              1 if args.quick else args.reps)
   print_table(rows)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(dict(
-      devices=[str(d) for d in jax.devices()], jax=jax.__version__,
-      rows=rows), indent=1))
-  print(f"wrote {args.out}")
+  write_json(args.out, rows)
   return rows
 
 
