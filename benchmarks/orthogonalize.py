@@ -39,7 +39,7 @@ from optax.contrib import _muon as optax_muon
 import orthax
 from harness import median_seconds, write_json
 from orthax.polar import PRESETS
-from orthax.polar.newton_schulz import newton_schulz_flops, use_gram
+from orthax.polar.newton_schulz import newton_schulz_flops
 
 # (fan_in, fan_out) of one transformer layer's hidden matrices: qkv, proj,
 # MLP up, MLP down.
@@ -65,9 +65,7 @@ MUON_ABC = PRESETS["muon"].coeffs[0]
 def set_flops(shapes, steps: int = 5, gram=False, gram_restart=2) -> float:
   """Matmul FLOPs of ``steps`` Newton–Schulz steps on every matrix of a set."""
   return float(sum(
-      newton_schulz_flops(fi, fo, steps,
-                          gram=use_gram(fi, fo, steps, gram, gram_restart),
-                          gram_restart=gram_restart)
+      newton_schulz_flops(fi, fo, steps, gram=gram, gram_restart=gram_restart)
       for fi, fo in shapes))
 
 

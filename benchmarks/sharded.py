@@ -8,8 +8,9 @@ mesh, orthogonalized three ways:
   device orthogonalizes whole matrices for its share, two ``all_to_all``s;
 * ``replicate``: gather every matrix on every device, then orthogonalize
   (orthax's unsharded iteration): every device does all the work;
-* ``xla optax``: optax's Newton–Schulz under ``jit`` with the same shardings
-  and ``Auto`` axes, partitioned by XLA.
+* ``xla optax``: optax's Newton–Schulz (its default: Jordan's triple, 5
+  unrolled steps) under ``jit`` with the same shardings and ``Auto`` axes,
+  partitioned by XLA.
 
 From each compiled program's per-device HLO text (:func:`hlo_costs`): the
 matmul FLOPs one device executes, against the even share (all the matrices'
@@ -31,7 +32,8 @@ from __future__ import annotations
 import os
 
 DEVICES = 8
-if "jax" not in globals():  # before JAX initializes its backend
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  # read when JAX starts its CPU backend: too late if it already has
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={DEVICES}")
 
@@ -48,21 +50,22 @@ from optax.contrib import _muon as optax_muon  # noqa: E402
 import orthax  # noqa: E402
 from harness import write_json  # noqa: E402
 from orthax.polar import PRESETS  # noqa: E402
-from orthax.polar.newton_schulz import newton_schulz_flops, use_gram  # noqa: E402
+from orthax.polar.newton_schulz import newton_schulz_flops  # noqa: E402
+from orthogonalize import SETS  # noqa: E402
 
-MODELS = {"gpt2_small": (768, 12), "quick": (32, 3)}  # width, layers
+MODELS = {"gpt2_small": ("small", 12), "quick": ("quick", 3)}  # layer, layers
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter",
                "collective-permute")
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4,
           "pred": 1, "s8": 1, "u8": 1}
 
 
-def hidden_matrices(width: int, layers: int, seed: int = 0) -> dict:
+def hidden_matrices(layer: str, layers: int, seed: int = 0) -> dict:
+  """``layers`` copies of ``benchmarks/orthogonalize.py``'s layer set
+  (qkv, proj, MLP up, MLP down), random normal."""
   rng = np.random.default_rng(seed)
-  shapes = {"qkv": (width, 3 * width), "proj": (width, width),
-            "fc": (width, 4 * width), "fc2": (4 * width, width)}
-  return {f"h{l}_{k}": jnp.asarray(rng.normal(size=s), jnp.float32)
-          for l in range(layers) for k, s in shapes.items()}
+  return {f"h{l}_{i}": jnp.asarray(rng.normal(size=s), jnp.float32)
+          for l in range(layers) for i, s in enumerate(SETS[layer])}
 
 
 def _dims(shape: str) -> list[int]:
@@ -131,16 +134,16 @@ def hlo_costs(hlo: str) -> dict[str, float]:
 
 
 def run(model: str) -> list[dict]:
-  width, layers = MODELS[model]
-  tree = hidden_matrices(width, layers)
+  tree = hidden_matrices(*MODELS[model])
   fsdp = {k: P("fsdp", None) for k in tree}
   explicit = jax.make_mesh((DEVICES,), ("fsdp",),
                            axis_types=(AxisType.Explicit,))
   auto = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(AxisType.Auto,))
-  total = sum(newton_schulz_flops(*x.shape, 5, gram=use_gram(*x.shape, 5, "auto"))
-              for x in tree.values())
+  totals = {  # all the matrices' FLOPs, unsharded, by each method's count
+      gram: sum(newton_schulz_flops(*x.shape, 5, gram=gram)
+                for x in tree.values()) for gram in ("auto", False)}
   want = orthax.orthogonalize().update(tree, None)[0]
-  optax_coeffs = jnp.asarray(PRESETS["muon"].coeffs)
+  optax_abc = jnp.asarray(PRESETS["muon"].coeffs[0])
 
   def put(mesh):
     return {k: jax.device_put(x, NamedSharding(mesh, fsdp[k]))
@@ -155,14 +158,14 @@ def run(model: str) -> list[dict]:
     return {k: jax.sharding.reshard(x, fsdp[k]) for k, x in out.items()}
 
   variants = {
-      "orthax": (explicit, lambda t: tx.update(t, None)[0], want),
-      "replicate": (explicit, replicate, want),
+      "orthax": (explicit, lambda t: tx.update(t, None)[0], want, "auto"),
+      "replicate": (explicit, replicate, None, "auto"),
       "xla optax": (auto, lambda t: jax.tree.map(
           lambda x: optax_muon.orthogonalize_via_newton_schulz(
-              x, optax_coeffs, 5), t), None),
+              x, optax_abc, 5), t), None, False),
   }
   rows = []
-  for name, (mesh, fn, reference) in variants.items():
+  for name, (mesh, fn, reference, count) in variants.items():
     args = put(mesh)
     with jax.set_mesh(mesh):
       jitted = jax.jit(fn, out_shardings={k: NamedSharding(mesh, s)
@@ -177,7 +180,7 @@ def run(model: str) -> list[dict]:
     coll = {op: costs[op] for op in COLLECTIVES}
     rows.append(dict(model=model, method=name,
                      flops_per_device=costs["flops"],
-                     even_share=total / DEVICES,
+                     even_share=totals[count] / DEVICES,
                      collective_bytes=sum(coll.values()),
                      collectives=coll, max_abs_err_vs_unsharded=err))
   base = rows[-1]["collective_bytes"]

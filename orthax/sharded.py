@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
 from orthax.matrices import MatrixView
-from orthax.polar.newton_schulz import newton_schulz_flops, use_gram
+from orthax.polar.newton_schulz import newton_schulz_flops
 
 __all__ = ["Plan", "make_plan", "resolve_mesh", "sharded_polar"]
 
@@ -90,16 +90,34 @@ def resolve_mesh(mesh, mesh_axis: str | None):
 class _Kind:
   """How one leaf's matrices are cut: the recipe shared by its slices.
 
-  ``order``: the leaf's matrix axes with the sharded one first (its slices
-  are contiguous in that order); ``dims``: their global sizes; ``wide``:
-  ``(m, n)`` of the wide orientation; ``tall``: the leaf's matrices are tall.
+  ``view``: the leaf's global matrix view; ``dim``: its axis sharded over
+  the mesh axis (a fan_in or fan_out axis).
   """
 
   view: MatrixView
-  order: tuple[int, ...]
-  dims: tuple[int, ...]
-  wide: tuple[int, int]
-  tall: bool
+  dim: int
+
+  @property
+  def mat_axes(self) -> tuple[int, ...]:
+    return self.view.reduction_axes + self.view.output_axes
+
+  @property
+  def order(self) -> tuple[int, ...]:
+    """The matrix axes, the sharded one first: slices are contiguous."""
+    return (self.dim,) + tuple(a for a in self.mat_axes if a != self.dim)
+
+  @property
+  def dims(self) -> tuple[int, ...]:
+    return tuple(self.view.shape[a] for a in self.order)
+
+  @property
+  def wide(self) -> tuple[int, int]:
+    """``(m, n)`` of the wide orientation."""
+    return tuple(sorted((self.view.fan_in, self.view.fan_out)))
+
+  @property
+  def tall(self) -> bool:
+    return self.view.fan_in > self.view.fan_out
 
   def size(self, devices: int) -> int:  # elements of one device's slice
     return math.prod(self.dims) // devices
@@ -133,13 +151,6 @@ class Plan:
     return self.flops_per_device * self.devices / max(self.flops_total, 1)
 
 
-def _cost(shape: tuple[int, int], steps: int, gram, gram_restart) -> int:
-  m, n = shape
-  return newton_schulz_flops(
-      m, n, steps, gram=use_gram(m, n, steps, gram, gram_restart),
-      gram_restart=gram_restart)
-
-
 def make_plan(kinds: dict[int, _Kind], batches: dict[int, int], devices: int,
               *, steps: int = 5, gram="auto", gram_restart=2) -> Plan:
   """Packs the matrices of ``kinds`` (``batches[leaf]`` each) into slots.
@@ -149,7 +160,8 @@ def make_plan(kinds: dict[int, _Kind], batches: dict[int, int], devices: int,
   most expensive leftover shape, filled with its leftovers and then with any
   smaller leftovers that fit, until none is left.
   """
-  cost = lambda s: _cost(s, steps, gram, gram_restart)
+  cost = lambda s: newton_schulz_flops(*s, steps, gram=gram,
+                                      gram_restart=gram_restart)
   by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
   for leaf, kind in kinds.items():
     by_shape.setdefault(kind.wide, []).extend(
@@ -190,9 +202,9 @@ def make_plan(kinds: dict[int, _Kind], batches: dict[int, int], devices: int,
 # ---------------------------------------------------------------------------
 
 
-def _matrix_axis_of(spec, view: MatrixView, axis: str) -> int | None:
+def _matrix_axis_of(spec, axis: str) -> int | None:
   """The leaf axis sharded over ``axis`` in ``spec``, if any."""
-  for dim, entry in enumerate(tuple(spec) + (None,) * len(view.shape)):
+  for dim, entry in enumerate(spec):
     names = entry if isinstance(entry, tuple) else (entry,)
     if axis in names:
       return dim
@@ -203,14 +215,6 @@ def _leaf_spec(x) -> Any:
   """The leaf's PartitionSpec as the tracer (or array) knows it."""
   sharding = getattr(jax.typeof(x), "sharding", None)
   return getattr(sharding, "spec", None) or P()
-
-
-def _kind(view: MatrixView, dim: int) -> _Kind:
-  mat_axes = view.reduction_axes + view.output_axes
-  order = (dim,) + tuple(a for a in mat_axes if a != dim)
-  m, n = sorted((view.fan_in, view.fan_out))
-  return _Kind(view, order, tuple(view.shape[a] for a in order), (m, n),
-               view.fan_in > view.fan_out)
 
 
 def _slices(kind: _Kind, local: jax.Array, devices: int) -> jax.Array:
@@ -233,8 +237,7 @@ def _whole(kind: _Kind, pieces: jax.Array) -> jax.Array:
   """``(devices, elements)`` slices of one matrix -> the wide ``(m, n)`` matrix."""
   v = kind.view
   x = pieces[:, :kind.size(pieces.shape[0])].reshape(kind.dims)
-  mat_axes = v.reduction_axes + v.output_axes
-  x = jnp.transpose(x, tuple(kind.order.index(a) for a in mat_axes))
+  x = jnp.transpose(x, tuple(kind.order.index(a) for a in kind.mat_axes))
   x = x.reshape(v.fan_in, v.fan_out)
   return x.T if kind.tall else x
 
@@ -243,9 +246,8 @@ def _pieces(kind: _Kind, wide: jax.Array, devices: int, region: int) -> jax.Arra
   """Inverse of :func:`_whole`, padded to ``(devices, region)``."""
   v = kind.view
   x = wide.T if kind.tall else wide
-  mat_axes = v.reduction_axes + v.output_axes
-  x = x.reshape(tuple(v.shape[a] for a in mat_axes))
-  x = jnp.transpose(x, tuple(mat_axes.index(a) for a in kind.order))
+  x = x.reshape(tuple(v.shape[a] for a in kind.mat_axes))
+  x = jnp.transpose(x, tuple(kind.mat_axes.index(a) for a in kind.order))
   x = x.reshape(devices, kind.size(devices))
   return jnp.pad(x, ((0, 0), (0, region - x.shape[1])))
 
@@ -349,7 +351,7 @@ def sharded_polar(polar: Callable[[jax.Array], jax.Array],
   for i, (view, x) in enumerate(zip(views, leaves)):
     spec = _leaf_spec(x)
     originals.append(spec)
-    dim = _matrix_axis_of(spec, view, axis)
+    dim = _matrix_axis_of(spec, axis)
     if dim is None and not explicit:
       # Auto axes hide the layout while tracing: assume the common FSDP
       # layout, the largest matrix axis that divides evenly (the first of
@@ -357,12 +359,11 @@ def sharded_polar(polar: Callable[[jax.Array], jax.Array],
       fits = [a for a in view.reduction_axes + view.output_axes
               if view.shape[a] % devices == 0]
       dim = max(fits, key=lambda a: view.shape[a], default=None)
-    matrix_axis = dim is not None and dim not in view.batch_axes and (
-        view.shape[dim] % devices == 0)
-    if matrix_axis:
-      kinds[i] = _kind(view, dim)
+    divisible = dim is not None and view.shape[dim] % devices == 0
+    if divisible and dim not in view.batch_axes:
+      kinds[i] = _Kind(view, dim)
     entries = [None] * len(view.shape)
-    if dim is not None and view.shape[dim] % devices == 0:
+    if divisible:
       entries[dim] = axis
     in_specs.append(P(*entries))
   if explicit:  # drop other axes (e.g. tensor parallel): whole matrices

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import orthax
 from orthax.matrices import matrix_views
-from orthax.sharded import _kind, make_plan
+from orthax.sharded import _Kind, make_plan
 
 DEVICES = 8
 DIMS = orthax.MuonDimensionNumbers
@@ -207,7 +207,7 @@ else:
                           ("fc", (d, 4 * d)), ("fc2", (4 * d, d))):
         tree[f"{name}{l}"] = jax.ShapeDtypeStruct(shape, jnp.float32)
     views = matrix_views(tree, None, "test")
-    kinds = {i: _kind(v, v.reduction_axes[0]) for i, v in enumerate(views)}
+    kinds = {i: _Kind(v, v.reduction_axes[0]) for i, v in enumerate(views)}
     plan = make_plan(kinds, {i: 1 for i in kinds}, DEVICES)
     assert plan.balance <= 1.10
     np.testing.assert_allclose(plan.balance, 314 / 303, rtol=1e-3)

@@ -160,15 +160,20 @@ def _gram_segment(ops: MatmulOps, x: jax.Array, table: jax.Array) -> jax.Array:
   return ops.apply(q, x, None)
 
 
-def newton_schulz_flops(m: int, n: int, steps: int, *, gram: bool = False,
+def newton_schulz_flops(m: int, n: int, steps: int, *,
+                        gram: bool | str = False,
                         gram_restart: int | None = 2) -> int:
   """Matmul FLOPs of :func:`newton_schulz` on one ``m×n`` matrix.
+
+  ``gram="auto"`` counts the path that :func:`use_gram` picks.
 
   The plain step costs ``4 s^2 l + 2 s^3`` (``s, l = min, max(m, n)``). A Gram
   segment of ``k`` steps costs ``4 s^2 l`` (``G`` and ``Q X_0``) plus
   ``8 s^3`` per step, less ``2 s^3`` at the first (``Q = P``) and ``4 s^3`` at
   the last (no new ``A``); a one-step segment is a plain step.
   """
+  if gram == "auto":
+    gram = use_gram(m, n, steps, gram, gram_restart)
   s, l = min(m, n), max(m, n)
   if not gram:
     return steps * (4 * s * s * l + 2 * s**3)
