@@ -20,6 +20,7 @@ spread evenly over the held-out tokens (:func:`eval_batches`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 from pathlib import Path
@@ -66,6 +67,29 @@ class Tokens:
   @property
   def num_tokens(self) -> int:
     return sum(len(a) for a in self.arrays)
+
+  @functools.cached_property
+  def largest_ids(self) -> tuple[int, ...]:
+    """The largest token id of each array (-1 if empty), read once."""
+    return tuple(int(a.max()) if len(a) else -1 for a in self.arrays)
+
+  def check_vocabulary(self, vocab_size: int) -> None:
+    """Raises unless every token id is below ``vocab_size``.
+
+    An id at or above the model's vocabulary has no logit: its loss, and then
+    every parameter, would be NaN. The first call reads all the tokens (one
+    pass over the shards); later calls reuse :attr:`largest_ids`.
+
+    Raises:
+      ShardError: naming the first array with such an id, its largest id and
+        ``vocab_size``.
+    """
+    for name, largest in zip(self.names, self.largest_ids):
+      if largest >= vocab_size:
+        raise ShardError(
+            f"{name}: token id {largest} is outside the model's vocabulary "
+            f"of {vocab_size} ids (config.model.vocab_size); were these "
+            "tokens made by another tokenizer?")
 
   def _starts_per_array(self, length: int) -> np.ndarray:
     """How many windows of ``length`` tokens fit in each array."""
@@ -171,10 +195,18 @@ def stdlib_corpus(val_every_nth_file: int = 10) -> tuple[Tokens, Tokens]:
 
   Returns:
     ``(train, val)`` :class:`Tokens` of byte values.
+
+  Raises:
+    ShardError: ``val_every_nth_file`` below 2 (nothing left to train on)
+      or above half the number of files.
   """
-  files = sorted(Path(os.path.dirname(os.__file__)).glob("*.py"))
-  if len(files) < 2 * val_every_nth_file:
-    raise RuntimeError(f"too few standard-library sources: {files!r}")
+  library = os.path.dirname(os.__file__)
+  files = sorted(Path(library).glob("*.py"))
+  if not 2 <= val_every_nth_file <= len(files) // 2:
+    raise ShardError(
+        f"val_every_nth_file={val_every_nth_file} "
+        "(config.data.val_every_nth_file) must be from 2 to "
+        f"{len(files) // 2}, for the {len(files)} sources in {library}")
   train, val = [], []
   for i, f in enumerate(files):
     (val if i % val_every_nth_file == 0 else train).append(f.read_bytes())
@@ -238,12 +270,16 @@ def eval_batches(tokens: Tokens, num_batches: int, batch_size: int,
 
 
 def load_splits(train_files: str, val_files: str,
-                          val_every_nth_file: int,
-                          ) -> tuple[Tokens, Tokens]:
-  """Token shards when ``train_files`` is set, else the standard library."""
+                val_every_nth_file: int) -> tuple[Tokens, Tokens]:
+  """Token shards when ``train_files`` is set, else the standard library.
+
+  Raises:
+    ShardError: ``train_files`` without ``val_files``, or a bad shard or glob
+      (:func:`open_shards`).
+  """
   if not train_files:
     return stdlib_corpus(val_every_nth_file)
   if not val_files:
-    raise ValueError("train_files is set but val_files is empty: give a glob "
+    raise ShardError("train_files is set but val_files is empty: give a glob "
                      "of held-out shards too")
   return open_shards(train_files), open_shards(val_files)

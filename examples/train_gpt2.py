@@ -31,6 +31,31 @@ modded-nanogpt ``.bin`` token shards, read through ``np.memmap``; with no
 ``--resume`` continues from the latest checkpoint exactly as if the run had
 never stopped (same parameters, optimizer state, step and batches).
 
+Checks, all before anything trains (on the command line each is one line on
+stderr and exit status 1):
+
+* :func:`check_config`: every count, size, rate and choice of the config, a
+  :class:`ConfigError` naming the field (``config.eval_every must be in [1,
+  inf), got 0``).
+* The token ids against ``config.model.vocab_size``: a
+  ``gpt2_data.ShardError`` naming the shard, its largest id and the
+  vocabulary size (an id without a logit would make every loss NaN).
+* :func:`check_workdir`: nothing of an earlier run is lost or silently
+  mixed in. A fresh run refuses a ``<optimizer>/checkpoints/`` of an earlier
+  run (continue it with ``--resume``; this script never deletes checkpoints)
+  and a ``metrics.jsonl`` (``--overwrite`` replaces it, saying so).
+  ``--resume`` continues each optimizer from its latest checkpoint; one that
+  has left nothing in ``workdir`` starts from step 0, saying so (a
+  comparison stopped during its second optimizer resumes as a whole); one
+  with metrics but no checkpoint is an error, as is finding no checkpoint at
+  all.
+* Each checkpoint keeps the config it was saved with (JSON, beside the
+  state); ``--resume`` with another ``seed``, ``steps``, ``batch_size``,
+  ``model.*``, ``optimizer.learning_rate`` or ``optimizer.<optimizer>.*`` is a
+  :class:`ConfigError` listing those fields, old and new, before any state is
+  read. The data globs, the mesh, ``microbatches`` and the evaluation,
+  logging and checkpoint intervals may change (moved shards, other hardware).
+
 Devices: one mesh over all of ``jax.devices()`` with axes ``("data",
 "fsdp")`` (``config.mesh.data`` × the rest). The batch is split over both
 axes; every parameter and optimizer-state leaf is sharded along its largest
@@ -67,6 +92,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -75,10 +101,16 @@ from tqdm import tqdm
 
 import gpt2_data
 import orthax
+from orthax._checks import check_number
 
 __all__ = [
+    "ConfigError",
     "GPT",
     "OPTIMIZERS",
+    "RunError",
+    "WorkdirError",
+    "check_config",
+    "check_workdir",
     "format_table",
     "fsdp_sharding",
     "load_config",
@@ -105,12 +137,272 @@ flags.DEFINE_string("optimizers", None,
                     "Comma-separated optimizers to compare, from "
                     f"{','.join(OPTIMIZERS)} (default: config.optimizers).")
 flags.DEFINE_bool("resume", False,
-                  "Continue each optimizer's run from its latest checkpoint.")
+                  "Continue each optimizer's run from its latest checkpoint "
+                  "(one that left nothing in config.workdir starts from step "
+                  "0); an error if there is no checkpoint at all, or if the "
+                  "config differs from the checkpoint's.")
+flags.DEFINE_bool("overwrite", False,
+                  "Start afresh where an earlier run left a metrics.jsonl but "
+                  "no checkpoint, replacing it (without this flag, an error). "
+                  "Checkpoints are never deleted.")
 flags.DEFINE_integer("stop_at", None,
                      "Stop after this step (checkpointing there); --resume "
                      "continues the run.")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() first (multi-host).")
+
+
+# ---------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------
+
+
+class RunError(Exception):
+  """A config, data or work directory this script cannot run with.
+
+  The command line prints the message and exits with status 1 (no
+  traceback).
+  """
+
+
+class ConfigError(RunError, ValueError):
+  """A config field out of range, or a checkpoint saved with another config."""
+
+
+class WorkdirError(RunError, FileExistsError):
+  """Files of an earlier run in ``config.workdir`` that this run would lose."""
+
+
+# Integer fields and their least value.
+_COUNTS = {"seed": 0, "checkpoint_every": 0, "steps": 1, "batch_size": 1,
+           "microbatches": 1, "eval_every": 1, "eval_batches": 1,
+           "log_every": 1, "keep_checkpoints": 1, "mesh.data": 1,
+           "data.val_every_nth_file": 1}
+_MODEL_SIZES = ("vocab_size", "padded_vocab_size", "context", "width",
+                "num_layers", "num_heads", "mlp_ratio")
+# The interval of each setting of config.optimizer.<name> (check_number's
+# bounds); "decay" is one of _DECAYS.
+_POSITIVE = dict(low=0, low_open=True)
+_OPTIMIZER_SETTINGS = {
+    **dict.fromkeys(("learning_rate", "adam_learning_rate", "eps",
+                     "adam_eps"), _POSITIVE),
+    **dict.fromkeys(("b1", "b2", "adam_b1", "adam_b2", "momentum", "beta2"),
+                    dict(low=0, high=1, high_open=True)),
+    **dict.fromkeys(("weight_decay", "adam_weight_decay", "grad_clip"),
+                    dict(low=0)),
+    **dict.fromkeys(("warmup_frac", "cooldown_frac", "end_lr_frac"),
+                    dict(low=0, high=1)),
+}
+_DECAYS = ("cosine", "linear")
+# With the model and the optimizer's own settings, the fields that fix a
+# run's trajectory: a resumed run must keep them.
+_TRAJECTORY = ("seed", "steps", "batch_size", "optimizer.learning_rate")
+
+
+def _check(name: str, value: Any, **bounds: Any) -> float | int:
+  """:func:`orthax._checks.check_number`, raising :class:`ConfigError`."""
+  try:
+    return check_number("train_gpt2", name, value, **bounds)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_model(model: ml_collections.ConfigDict) -> None:
+  """Checks ``config.model``: positive sizes, vocabularies, heads, dtype."""
+  for key in _MODEL_SIZES:
+    _check(f"config.model.{key}", model[key], low=1, integer=True)
+  if model.padded_vocab_size < model.vocab_size:
+    raise ConfigError(
+        f"config.model.padded_vocab_size={model.padded_vocab_size} is "
+        f"smaller than config.model.vocab_size={model.vocab_size}")
+  if model.width % model.num_heads:
+    raise ConfigError(f"config.model.num_heads={model.num_heads} must "
+                      f"divide config.model.width={model.width}")
+  try:
+    floating = jnp.issubdtype(jnp.dtype(model.dtype), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise ConfigError("config.model.dtype must name a floating-point dtype "
+                      f"('float32', 'bfloat16'), got {model.dtype!r}")
+
+
+def _check_optimizer_settings(optimizer: ml_collections.ConfigDict) -> None:
+  """Checks ``config.optimizer``: every rate, beta, fraction and decay."""
+  if optimizer.learning_rate is not None:
+    _check("config.optimizer.learning_rate", optimizer.learning_rate,
+           **_POSITIVE)
+  for name in (n for n in OPTIMIZERS if n in optimizer):
+    for key, value in optimizer[name].items():
+      field = f"config.optimizer.{name}.{key}"
+      if key == "decay":
+        if value not in _DECAYS:
+          raise ConfigError(f"{field} must be one of {_DECAYS}, got "
+                            f"{value!r}")
+      elif key in _OPTIMIZER_SETTINGS:
+        _check(field, value, **_OPTIMIZER_SETTINGS[key])
+      else:
+        raise ConfigError(f"{field}: this script reads no setting {key!r}")
+
+
+def check_config(config: ml_collections.ConfigDict,
+                 num_devices: int | None = None) -> None:
+  """Checks every field of a run's config before anything runs.
+
+  Counts (``steps``, ``batch_size``, ``microbatches``, ``eval_every``,
+  ``eval_batches``, ``log_every``, ``keep_checkpoints``, ``mesh.data``,
+  ``data.val_every_nth_file``) must be positive integers, ``seed`` and
+  ``checkpoint_every`` non-negative ones; the model's sizes positive, with
+  ``num_heads`` dividing ``width`` and ``padded_vocab_size >= vocab_size``;
+  ``config.optimizers`` known names; every optimizer setting in range
+  (rates and epsilons positive, betas in [0, 1), fractions in [0, 1], decays
+  and clipping non-negative).
+
+  Args:
+    config: the run's config (see ``configs/``).
+    num_devices: the devices of the mesh (default ``jax.device_count()``):
+      ``config.mesh.data`` must divide it, and ``config.batch_size`` must be
+      a multiple of it times ``config.microbatches``.
+
+  Raises:
+    ConfigError: naming the first field out of range, and its value.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  for field, low in _COUNTS.items():
+    _check(f"config.{field}", functools.reduce(getattr, field.split("."),
+                                               config),
+           low=low, integer=True)
+  _check_model(config.model)
+  if num_devices % config.mesh.data:
+    raise ConfigError(f"config.mesh.data={config.mesh.data} must divide the "
+                      f"{num_devices} devices")
+  if config.batch_size % (num_devices * config.microbatches):
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} must be a multiple of the "
+        f"{num_devices} devices times config.microbatches="
+        f"{config.microbatches}")
+  parse_optimizers(config.optimizers, "config.optimizers")
+  _check_optimizer_settings(config.optimizer)
+
+
+def _run_record(config: ml_collections.ConfigDict, name: str,
+                ) -> dict[str, Any]:
+  """What each checkpoint keeps of its run (JSON): optimizer and config."""
+  return {"optimizer": name, "config": config.to_dict()}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat |= _flatten(value, f"{prefix}{key}.")
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def _trajectory(record: dict[str, Any]) -> dict[str, Any]:
+  """The fields of a :func:`_run_record` that a resumed run must keep."""
+  name = record.get("optimizer")
+  mine = ("model.", f"optimizer.{name}.")
+  return {"optimizer": name} | {
+      k: v for k, v in _flatten(record.get("config", {})).items()
+      if k in _TRAJECTORY or k.startswith(mine)}
+
+
+def _check_resumable(directory: Path, step: int,
+                     config: ml_collections.ConfigDict, name: str) -> None:
+  """Raises unless the checkpoint at ``step`` was saved with ``config``.
+
+  Only its record is read, so a checkpoint of another model never reaches
+  the state's restore (whose shape errors orbax would bury in the noise of
+  its aborted reads).
+
+  Raises:
+    ConfigError: listing each field of :func:`_trajectory` that differs,
+      with the checkpoint's value and this run's.
+  """
+  with ocp.CheckpointManager(directory.resolve()) as manager:
+    saved = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+  old, new = _trajectory(saved), _trajectory(_run_record(config, name))
+  show = lambda record, key: repr(record[key]) if key in record else "absent"
+  differ = [f"  {k}: {show(old, k)} -> {show(new, k)}"
+            for k in sorted(old.keys() | new.keys())
+            if (k in old, old.get(k)) != (k in new, new.get(k))]
+  if differ:
+    raise ConfigError(
+        f"the checkpoint at step {step} in {directory} is of another run; "
+        "these fields differ (checkpoint -> this run):\n" + "\n".join(differ)
+        + "\nresume with the checkpoint's values, or choose another "
+        "config.workdir")
+
+
+def _no_checkpoint(config: ml_collections.ConfigDict, *dirs: Path) -> str:
+  """``"no checkpoint in <dirs>"``, saying why when checkpointing is off."""
+  off = ("" if config.checkpoint_every else
+         " (config.checkpoint_every is 0: checkpointing is off)")
+  return f"no checkpoint in {', '.join(map(str, dirs))}{off}"
+
+
+def _start_step(config: ml_collections.ConfigDict, name: str, *,
+                resume: bool, overwrite: bool) -> int:
+  """The step ``name``'s run starts from: its latest checkpoint's, or 0.
+
+  Raises:
+    WorkdirError: where starting would lose an earlier run's files: a
+      checkpoint without ``resume``, or a ``metrics.jsonl`` with no
+      checkpoint to continue and no ``overwrite``.
+    ConfigError: ``resume`` into a checkpoint of another config.
+  """
+  run_dir = Path(config.workdir) / name
+  checkpoint_dir = run_dir / "checkpoints"
+  latest = max(ocp.utils.checkpoint_steps(checkpoint_dir), default=None)
+  if latest is not None:
+    if not resume:
+      raise WorkdirError(
+          f"{checkpoint_dir} holds a checkpoint at step {latest}: pass "
+          "--resume to continue that run, or choose another config.workdir "
+          "(this script never deletes checkpoints: remove the directory "
+          "yourself to start over)")
+    _check_resumable(checkpoint_dir, latest, config, name)
+    return latest
+  metrics = run_dir / "metrics.jsonl"
+  if metrics.exists() and not overwrite:
+    why = (f"there is {_no_checkpoint(config, checkpoint_dir)} to resume "
+           "from" if resume else "a fresh run would replace them")
+    raise WorkdirError(
+        f"{metrics} holds the metrics of an earlier run, but {why}: pass "
+        f"--overwrite to start {name} afresh, or choose another "
+        "config.workdir")
+  return 0
+
+
+def check_workdir(config: ml_collections.ConfigDict, names: tuple[str, ...],
+                  *, resume: bool = False, overwrite: bool = False,
+                  ) -> dict[str, int]:
+  """Checks ``config.workdir`` for the runs of ``names`` before any starts.
+
+  Without ``resume``, each optimizer's directory must hold no checkpoint,
+  and no ``metrics.jsonl`` unless ``overwrite``. With ``resume``, each
+  optimizer continues from its latest checkpoint, whose saved config must
+  match ``config``; one without a checkpoint starts from step 0 if it left
+  no metrics (or with ``overwrite``); at least one must have a checkpoint.
+
+  Returns:
+    The step each optimizer starts from.
+
+  Raises:
+    WorkdirError, ConfigError: from each optimizer's directory.
+    RunError: ``resume`` and no checkpoint at all.
+  """
+  starts = {n: _start_step(config, n, resume=resume, overwrite=overwrite)
+            for n in names}
+  if resume and not any(starts.values()):
+    raise RunError("--resume: nothing to resume, " + _no_checkpoint(
+        config, *(Path(config.workdir) / n / "checkpoints" for n in names)))
+  return starts
 
 
 # ---------------------------------------------------------------------------
@@ -194,10 +486,12 @@ class GPT(nnx.Module):
         ``num_layers``, ``num_heads``, ``mlp_ratio``, ``tie_embeddings`` and
         ``dtype`` (the compute dtype; parameters are float32).
       rngs: initialization keys.
+
+    Raises:
+      ConfigError: a size out of range (``config.model.*``, as
+        :func:`check_config` checks it).
     """
-    if config.padded_vocab_size < config.vocab_size:
-      raise ValueError(f"padded_vocab_size={config.padded_vocab_size} is "
-                       f"smaller than vocab_size={config.vocab_size}")
+    _check_model(config)
     dtype = jnp.dtype(config.dtype)
     init = nnx.initializers.normal(stddev=0.02)
     self.vocab_size = config.vocab_size
@@ -253,9 +547,8 @@ def make_schedule(peak: float, hparams: ml_collections.ConfigDict,
   Returns:
     An optax schedule of the step count.
   """
-  if hparams.decay not in ("cosine", "linear"):
-    raise ValueError(f"decay must be 'cosine' or 'linear', got "
-                     f"{hparams.decay!r}")
+  if hparams.decay not in _DECAYS:
+    raise ValueError(f"decay must be one of {_DECAYS}, got {hparams.decay!r}")
   warmup = round(hparams.warmup_frac * steps)
   decay_start = max(warmup, steps - round(hparams.cooldown_frac * steps))
   decay_steps = max(1, steps - decay_start)
@@ -292,8 +585,8 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict,
     An :class:`optax.GradientTransformation`.
   """
   if name not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {name!r}; expected one of "
-                     f"{OPTIMIZERS}")
+    raise ConfigError(f"unknown optimizer {name!r}; expected one of "
+                      f"{OPTIMIZERS}")
   hp = config.optimizer[name]
   peak = config.optimizer.learning_rate or hp.learning_rate
   lr = make_schedule(peak, hp, config.steps)
@@ -323,13 +616,19 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict,
   return tx
 
 
-def parse_optimizers(names: str) -> tuple[str, ...]:
-  """``"adamw,muon"`` -> ``("adamw", "muon")``, checked against the choices."""
+def parse_optimizers(names: str, field: str = "--optimizers",
+                     ) -> tuple[str, ...]:
+  """``"adamw,muon"`` -> ``("adamw", "muon")``, checked against the choices.
+
+  Raises:
+    ConfigError: an unknown name, or none, naming ``field`` (where
+      ``names`` came from).
+  """
   parsed = tuple(n.strip() for n in names.split(",") if n.strip())
   unknown = [n for n in parsed if n not in OPTIMIZERS]
   if unknown or not parsed:
-    raise ValueError(f"unknown or no optimizers in {names!r}; choose from "
-                     f"{','.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown or no optimizers in {field}={names!r}; "
+                      f"choose from {','.join(OPTIMIZERS)}")
   return parsed
 
 
@@ -404,13 +703,6 @@ def load_data(config: ml_collections.ConfigDict,
                                config.data.val_every_nth_file)
 
 
-def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  if config.batch_size % (mesh.size * config.microbatches):
-    raise ValueError(
-        f"batch_size={config.batch_size} must be a multiple of the "
-        f"{mesh.size} devices times microbatches={config.microbatches}")
-
-
 def _step_functions(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     shardings: Any, mesh: Mesh, microbatches: int):
   """The jitted training step and validation loss, with their shardings.
@@ -467,31 +759,26 @@ def _step_functions(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 class _Checkpoints:
-  """Orbax checkpoints of the train state, with the run's identity beside it."""
+  """Orbax checkpoints of the train state, each with its run's record (JSON).
 
-  def __init__(self, directory: Path, meta: dict[str, Any], keep: int):
-    self.meta = meta
+  The record (:func:`_run_record`) is what :func:`_check_resumable` compares
+  before a resume.
+  """
+
+  def __init__(self, directory: Path, record: dict[str, Any], keep: int):
+    self.record = record
     self.manager = ocp.CheckpointManager(
         directory.resolve(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def save(self, step: int, state: Any) -> None:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(self.meta)))
+        meta=ocp.args.JsonSave(self.record)))
 
   def restore(self, step: int, abstract_state: Any) -> Any:
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
-    if restored.meta != self.meta:
-      raise ValueError(
-          f"the checkpoint at step {step} in {self.manager.directory} is of "
-          f"another run ({restored.meta}); this run is {self.meta}")
-    return restored.state
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state))).state
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -556,14 +843,16 @@ def _summary(name: str, history: list[dict[str, Any]],
 def train(config: ml_collections.ConfigDict, name: str,
           data: tuple[gpt2_data.Tokens, gpt2_data.Tokens], *,
           mesh: Mesh | None = None, resume: bool = False,
-          stop_at: int | None = None, progress: bool = False,
-          ) -> dict[str, Any]:
+          overwrite: bool = False, stop_at: int | None = None,
+          progress: bool = False) -> dict[str, Any]:
   """Trains a fresh (or resumed) :class:`GPT` with one optimizer.
 
   Step ``s`` (from 1) trains on :func:`gpt2_data.train_batch` ``(seed, s)``;
   the model is initialized from ``config.seed``; validation runs at step 0,
   every ``config.eval_every`` steps and at ``config.steps`` on fixed
-  held-out windows.
+  held-out windows. First the config (:func:`check_config`), the token ids
+  (``Tokens.check_vocabulary``) and the run's directory (as
+  :func:`check_workdir` does, for this optimizer) are checked.
 
   Args:
     config: the run's config (see ``configs/``).
@@ -571,8 +860,12 @@ def train(config: ml_collections.ConfigDict, name: str,
     data: ``(train, val)`` tokens (:func:`load_data`).
     mesh: the device mesh; ``make_mesh(config.mesh.data)`` by default.
     resume: continue from the latest checkpoint in
-      ``<workdir>/<name>/checkpoints`` if there is one. Without it, finding a
-      checkpoint there is an error.
+      ``<workdir>/<name>/checkpoints``, which must have been saved with the
+      same config; with none, start from step 0 (saying so) unless an
+      earlier run left its metrics there. Without it, finding a checkpoint
+      there is an error.
+    overwrite: start from step 0 even where an earlier run left a
+      ``metrics.jsonl`` (but no checkpoint), replacing it (saying so).
     stop_at: stop after this step (saving a checkpoint if checkpointing is
       on), as a job with a time limit would; ``resume`` continues the run.
     progress: show a tqdm bar with the loss and tokens/s.
@@ -584,9 +877,31 @@ def train(config: ml_collections.ConfigDict, name: str,
     ``final_val_loss``, ``seconds_per_step`` (training steps of this session
     after its first, which compiles; evaluation excluded) and
     ``tokens_per_second``.
+
+  Raises:
+    ConfigError, WorkdirError: see :func:`check_config` and
+      :func:`check_workdir`; also ``stop_at`` below 1.
+    gpt2_data.ShardError: a token id of ``data`` outside the vocabulary.
   """
+  check_config(config, None if mesh is None else mesh.size)
+  if stop_at is not None:
+    _check("stop_at", stop_at, low=1, integer=True)
+  for tokens in data:
+    tokens.check_vocabulary(config.model.vocab_size)
+  start = _start_step(config, name, resume=resume, overwrite=overwrite)
+  run_dir = Path(config.workdir) / name
+  metrics_path = run_dir / "metrics.jsonl"
+  if jax.process_index() == 0 and not start:
+    if resume:
+      print(f"{name}: no checkpoint in {run_dir / 'checkpoints'}; starting "
+            "from step 0")
+    if metrics_path.exists():  # only with overwrite (_start_step)
+      print(f"{name}: replacing the earlier run's {metrics_path} "
+            "(--overwrite)")
+  if jax.process_count() > 1:  # all have looked before process 0 writes
+    multihost_utils.sync_global_devices(f"train_gpt2: {name} starts")
+
   mesh = make_mesh(config.mesh.data) if mesh is None else mesh
-  _check_batch(config, mesh)
   tx = make_optimizer(name, config, mesh)
   graphdef, _ = nnx.split(nnx.eval_shape(
       lambda: GPT(config.model, rngs=nnx.Rngs(0))))
@@ -601,24 +916,14 @@ def train(config: ml_collections.ConfigDict, name: str,
   batch_sharding, eval_sharding = _batch_shardings(mesh)
   train_step, evaluate = _step_functions(graphdef, tx, shardings, mesh,
                                          config.microbatches)
-  run_dir = Path(config.workdir) / name
-  metrics_path = run_dir / "metrics.jsonl"
   checkpoints = (_Checkpoints(run_dir / "checkpoints",
-                              {"optimizer": name, "seed": config.seed,
-                               "steps": config.steps},
+                              _run_record(config, name),
                               config.keep_checkpoints)
-                 if config.checkpoint_every else None)
-  latest = checkpoints.latest_step() if checkpoints else None
-  if latest is not None and not resume:
-    raise FileExistsError(
-        f"{run_dir / 'checkpoints'} holds a checkpoint at step {latest}: "
-        "pass --resume to continue that run, or choose another "
-        "config.workdir")
-  if latest is None:
-    start, history = 0, []
+                 if config.checkpoint_every or start else None)
+  if not start:
+    history = []
     state = jax.jit(init, out_shardings=shardings)()
   else:
-    start = latest
     history = _Metrics.read(metrics_path, start)
     state = checkpoints.restore(start, jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -668,7 +973,8 @@ def train(config: ml_collections.ConfigDict, name: str,
       line["tokens_per_s"] = interval * tokens_per_step / seconds
     if evaluate_now:
       line["val_loss"] = float(evaluate(state["params"], val_batches))
-    if checkpoints and (step % config.checkpoint_every == 0 or step == end):
+    if config.checkpoint_every and (step % config.checkpoint_every == 0
+                                    or step == end):
       checkpoints.save(step, state)
     metrics.log(line)
     bar.set_postfix(loss=f"{line['train_loss']:.3f}",
@@ -728,23 +1034,35 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, names: tuple[str, ...] | None = None,
-        *, resume: bool = False, stop_at: int | None = None,
-        progress: bool = False) -> list[dict[str, Any]]:
+        *, resume: bool = False, overwrite: bool = False,
+        stop_at: int | None = None, progress: bool = False,
+        ) -> list[dict[str, Any]]:
   """Trains each optimizer of ``names`` (default: ``config.optimizers``).
 
-  Process 0 writes ``<workdir>/loss.png`` and prints :func:`format_table`.
+  The config and the work directory of every run are checked before the
+  first starts (:func:`check_config`, :func:`check_workdir`; ``resume``,
+  ``overwrite`` and ``stop_at`` as in :func:`train`). Process 0 writes
+  ``<workdir>/loss.png`` and prints :func:`format_table`.
 
   Returns:
     The :func:`train` results, in order.
+
+  Raises:
+    RunError: the config or work directory (see the checks).
+    gpt2_data.ShardError: the token shards.
   """
-  names = parse_optimizers(config.optimizers) if names is None else names
+  check_config(config)
+  names = (parse_optimizers(config.optimizers, "config.optimizers")
+           if names is None else parse_optimizers(",".join(names), "names"))
+  check_workdir(config, names, resume=resume, overwrite=overwrite)
   data = load_data(config)
   mesh = make_mesh(config.mesh.data)
   print(f"data: {data[0].num_tokens:,} training and {data[1].num_tokens:,} "
         f"validation tokens; mesh {dict(mesh.shape)} of "
         f"{jax.device_count()} {jax.default_backend()} device(s)")
   results = [train(config, n, data, mesh=mesh, resume=resume,
-                   stop_at=stop_at, progress=progress) for n in names]
+                   overwrite=overwrite, stop_at=stop_at, progress=progress)
+             for n in names]
   if jax.process_index() == 0:
     plot = Path(config.workdir) / "loss.png"
     plot_losses(results, f"{config.model.num_layers} layers, width "
@@ -761,10 +1079,13 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   if FLAGS.distributed:
     jax.distributed.initialize()
-  config = FLAGS.config
-  names = parse_optimizers(FLAGS.optimizers or config.optimizers)
-  run(config, names, resume=FLAGS.resume, stop_at=FLAGS.stop_at,
-      progress=sys.stderr.isatty())
+  try:
+    names = (parse_optimizers(FLAGS.optimizers) if FLAGS.optimizers
+             else None)
+    run(FLAGS.config, names, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+        stop_at=FLAGS.stop_at, progress=sys.stderr.isatty())
+  except (RunError, gpt2_data.ShardError) as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
