@@ -10,11 +10,23 @@ Run from the repository root::
 Each optimizer named by ``--optimizers`` (default: the config's
 ``optimizers``) trains a fresh model from the same seed on the same batches.
 Written under ``config.workdir``: ``<optimizer>/metrics.jsonl`` (one JSON
-line per logged step: mean training loss since the previous line, tokens/s,
+line per logged step, that is every ``log_every`` steps and each evaluation
+and checkpoint step: mean training loss since the previous line, tokens/s,
 and the validation loss at evaluation steps), ``<optimizer>/checkpoints/``
 (orbax, every ``config.checkpoint_every`` steps) and ``loss.png`` (training
-and validation loss, one line per optimizer). At the end a table of the final
-losses goes to stdout.
+and validation loss, one line per optimizer). At the end a table goes to
+stdout: per optimizer, the mean training loss over the last ``eval_every``
+steps, the last validation loss and its step (step 0's for a run stopped
+before its first evaluation), seconds per step and tokens/s ("-" when this
+session timed no step: its first step compiles and is not timed, so a
+session of one step has none).
+
+A training or validation loss that is NaN or infinite stops that optimizer's
+run where the loop first sees it (at the next logged or evaluated step): a
+:class:`DivergenceError` naming the optimizer, the step and the loss, with
+the metrics up to there in ``metrics.jsonl`` (the non-finite loss written as
+``null``) and no checkpoint of the diverged state; the later optimizers do
+not run. On the command line it is one line on stderr and exit status 1.
 
 The model is GPT-2 in Flax NNX: learned token and position embeddings
 (``wte``, ``wpe``), pre-LayerNorm blocks of causal self-attention and a GELU
@@ -48,7 +60,8 @@ stderr and exit status 1):
   has left nothing in ``workdir`` starts from step 0, saying so (a
   comparison stopped during its second optimizer resumes as a whole); one
   with metrics but no checkpoint is an error, as is finding no checkpoint at
-  all.
+  all, or a checkpoint at step ``k`` whose ``metrics.jsonl`` is missing or
+  does not hold the lines of steps 0 to ``k``.
 * Each checkpoint keeps the config it was saved with (JSON, beside the
   state); ``--resume`` with another ``seed``, ``steps``, ``batch_size``,
   ``model.*``, ``optimizer.learning_rate`` or ``optimizer.<optimizer>.*`` is a
@@ -81,6 +94,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +119,7 @@ from orthax._checks import check_number
 
 __all__ = [
     "ConfigError",
+    "DivergenceError",
     "GPT",
     "OPTIMIZERS",
     "RunError",
@@ -171,6 +186,10 @@ class ConfigError(RunError, ValueError):
 
 class WorkdirError(RunError, FileExistsError):
   """Files of an earlier run in ``config.workdir`` that this run would lose."""
+
+
+class DivergenceError(RunError, FloatingPointError):
+  """A training or validation loss that is NaN or infinite."""
 
 
 # Integer fields and their least value.
@@ -355,9 +374,12 @@ def _start_step(config: ml_collections.ConfigDict, name: str, *,
       checkpoint without ``resume``, or a ``metrics.jsonl`` with no
       checkpoint to continue and no ``overwrite``.
     ConfigError: ``resume`` into a checkpoint of another config.
+    RunError: ``resume`` from a checkpoint at step ``k`` whose
+      ``metrics.jsonl`` is missing or lacks lines of steps 0 to ``k``.
   """
   run_dir = Path(config.workdir) / name
   checkpoint_dir = run_dir / "checkpoints"
+  metrics = run_dir / "metrics.jsonl"
   latest = max(ocp.utils.checkpoint_steps(checkpoint_dir), default=None)
   if latest is not None:
     if not resume:
@@ -367,8 +389,8 @@ def _start_step(config: ml_collections.ConfigDict, name: str, *,
           "(this script never deletes checkpoints: remove the directory "
           "yourself to start over)")
     _check_resumable(checkpoint_dir, latest, config, name)
+    _check_history(metrics, checkpoint_dir, latest)
     return latest
-  metrics = run_dir / "metrics.jsonl"
   if metrics.exists() and not overwrite:
     why = (f"there is {_no_checkpoint(config, checkpoint_dir)} to resume "
            "from" if resume else "a fresh run would replace them")
@@ -377,6 +399,31 @@ def _start_step(config: ml_collections.ConfigDict, name: str, *,
         f"--overwrite to start {name} afresh, or choose another "
         "config.workdir")
   return 0
+
+
+def _check_history(metrics: Path, checkpoint_dir: Path, step: int) -> None:
+  """Raises unless ``metrics`` holds the lines of steps 0 to ``step``.
+
+  A run logs every step it checkpoints before saving it, so its metrics
+  reach each of its checkpoints; without them a resumed run would have no
+  curve and no final losses before ``step``.
+
+  Raises:
+    RunError: naming ``metrics``, what it holds and the checkpoint.
+  """
+  lines = _Metrics.read(metrics, step)
+  if lines and lines[0]["step"] == 0 and lines[-1]["step"] == step:
+    return
+  if not metrics.exists():
+    held = "is missing"
+  elif lines:
+    held = f"has steps {lines[0]['step']} to {lines[-1]['step']}"
+  else:
+    held = f"has no line up to step {step}"
+  raise RunError(
+      f"{metrics} {held}, but {checkpoint_dir} holds a checkpoint at step "
+      f"{step}: a resumed run would lose the losses of steps 0 to {step}; "
+      "put the run's metrics.jsonl back, or choose another config.workdir")
 
 
 def check_workdir(config: ml_collections.ConfigDict, names: tuple[str, ...],
@@ -395,7 +442,8 @@ def check_workdir(config: ml_collections.ConfigDict, names: tuple[str, ...],
 
   Raises:
     WorkdirError, ConfigError: from each optimizer's directory.
-    RunError: ``resume`` and no checkpoint at all.
+    RunError: ``resume`` and no checkpoint at all, or a checkpoint whose
+      metrics are missing.
   """
   starts = {n: _start_step(config, n, resume=resume, overwrite=overwrite)
             for n in names}
@@ -786,7 +834,11 @@ class _Checkpoints:
 
 
 class _Metrics:
-  """A run's metrics lines: kept in memory, and in JSONL by process 0."""
+  """A run's metrics lines: kept in memory, and in JSONL by process 0.
+
+  JSON has no NaN or infinity: a value that is not finite (the loss of a
+  diverged run) is written as ``null``.
+  """
 
   def __init__(self, path: Path, history: list[dict[str, Any]]):
     """Starts ``path`` afresh with ``history`` (the lines kept on resume)."""
@@ -795,7 +847,12 @@ class _Metrics:
     if jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
       self.file = path.open("w")
-      self.file.writelines(json.dumps(l) + "\n" for l in history)
+      self.file.writelines(map(self._encode, history))
+
+  @staticmethod
+  def _encode(line: dict[str, Any]) -> str:
+    return json.dumps({k: v if math.isfinite(v) else None
+                       for k, v in line.items()}, allow_nan=False) + "\n"
 
   @staticmethod
   def read(path: Path, last_step: int) -> list[dict[str, Any]]:
@@ -808,7 +865,7 @@ class _Metrics:
   def log(self, line: dict[str, Any]) -> None:
     self.history.append(line)
     if self.file:
-      self.file.write(json.dumps(line) + "\n")
+      self.file.write(self._encode(line))
       self.file.flush()
 
   def close(self) -> None:
@@ -817,12 +874,17 @@ class _Metrics:
 
 
 def _summary(name: str, history: list[dict[str, Any]],
-             config: ml_collections.ConfigDict, seconds_per_step: float,
-             ) -> dict[str, Any]:
-  """The curves of ``history`` and the final figures of a run."""
+             config: ml_collections.ConfigDict,
+             seconds_per_step: float | None) -> dict[str, Any]:
+  """The curves of ``history`` and the final figures of a run.
+
+  ``history`` holds step 0's validation loss and at least one training
+  step: a fresh run trains one step or more, and a resumed one has the
+  lines up to its checkpoint (:func:`_check_history`).
+  """
   trained = [l for l in history if "train_loss" in l]
   evaluated = [l for l in history if "val_loss" in l]
-  last = trained[-1]["step"] if trained else 0
+  last = trained[-1]["step"]
   # Mean over the last evaluation interval: less noisy than the last batch.
   tail = [l["train_loss"] for l in trained
           if l["step"] > last - config.eval_every]
@@ -832,12 +894,42 @@ def _summary(name: str, history: list[dict[str, Any]],
       "train_loss": [l["train_loss"] for l in trained],
       "eval_steps": [l["step"] for l in evaluated],
       "val_loss": [l["val_loss"] for l in evaluated],
-      "final_train_loss": float(np.mean(tail)) if tail else math.nan,
+      "final_train_loss": float(np.mean(tail)),
       "final_val_loss": evaluated[-1]["val_loss"],
+      "final_val_step": evaluated[-1]["step"],
       "seconds_per_step": seconds_per_step,
-      "tokens_per_second": (config.batch_size * config.model.context
-                            / seconds_per_step),
+      "tokens_per_second": (
+          None if seconds_per_step is None else
+          config.batch_size * config.model.context / seconds_per_step),
   }
+
+
+def _check_finite(name: str, line: dict[str, Any],
+                  train_losses: Sequence[float], path: Path) -> None:
+  """Raises if a loss of the metrics ``line`` is NaN or infinite.
+
+  Args:
+    name: the optimizer.
+    line: a metrics line, already written to ``path``.
+    train_losses: the training loss of each step the line averages (its
+      last at ``line["step"]``); empty for step 0.
+    path: the run's ``metrics.jsonl``.
+
+  Raises:
+    DivergenceError: naming ``name``, the first step of ``train_losses``
+      that is not finite (else the line's step, for its validation loss)
+      and that loss.
+  """
+  bad = np.flatnonzero(~np.isfinite(train_losses))
+  if bad.size:
+    step = line["step"] - len(train_losses) + 1 + bad[0]
+    what = f"training loss is {float(train_losses[bad[0]])} at step {step}"
+  elif not math.isfinite(line.get("val_loss", 0.0)):
+    what = f"validation loss is {line['val_loss']} at step {line['step']}"
+  else:
+    return
+  raise DivergenceError(f"{name} diverged: the {what} (metrics up to step "
+                        f"{line['step']} in {path})")
 
 
 def train(config: ml_collections.ConfigDict, name: str,
@@ -874,14 +966,19 @@ def train(config: ml_collections.ConfigDict, name: str,
     A dict: ``optimizer``; ``steps`` and ``train_loss`` (per logged step, the
     mean since the previous one); ``eval_steps`` and ``val_loss``;
     ``final_train_loss`` (mean over the last ``eval_every`` steps),
-    ``final_val_loss``, ``seconds_per_step`` (training steps of this session
-    after its first, which compiles; evaluation excluded) and
-    ``tokens_per_second``.
+    ``final_val_loss`` and ``final_val_step`` (the last evaluation: step 0's
+    when stopped before the first), ``seconds_per_step`` (training steps of
+    this session after its first, which compiles; evaluation excluded) and
+    ``tokens_per_second``, both ``None`` when this session trained one step
+    or none.
 
   Raises:
-    ConfigError, WorkdirError: see :func:`check_config` and
+    ConfigError, WorkdirError, RunError: see :func:`check_config` and
       :func:`check_workdir`; also ``stop_at`` below 1.
     gpt2_data.ShardError: a token id of ``data`` outside the vocabulary.
+    DivergenceError: a training or validation loss that is NaN or infinite,
+      at the first logged or evaluated step that holds it; the metrics up
+      to that step are written, the diverged state is not checkpointed.
   """
   check_config(config, None if mesh is None else mesh.size)
   if stop_at is not None:
@@ -898,7 +995,8 @@ def train(config: ml_collections.ConfigDict, name: str,
     if metrics_path.exists():  # only with overwrite (_start_step)
       print(f"{name}: replacing the earlier run's {metrics_path} "
             "(--overwrite)")
-  if jax.process_count() > 1:  # all have looked before process 0 writes
+  history = _Metrics.read(metrics_path, start) if start else []
+  if jax.process_count() > 1:  # all have read before process 0 writes
     multihost_utils.sync_global_devices(f"train_gpt2: {name} starts")
 
   mesh = make_mesh(config.mesh.data) if mesh is None else mesh
@@ -921,10 +1019,8 @@ def train(config: ml_collections.ConfigDict, name: str,
                               config.keep_checkpoints)
                  if config.checkpoint_every or start else None)
   if not start:
-    history = []
     state = jax.jit(init, out_shardings=shardings)()
   else:
-    history = _Metrics.read(metrics_path, start)
     state = checkpoints.restore(start, jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, shardings))
@@ -939,53 +1035,63 @@ def train(config: ml_collections.ConfigDict, name: str,
       gpt2_data.eval_batches(val_tokens, config.eval_batches,
                              config.batch_size, length, **rows),
       (config.eval_batches, config.batch_size, length))
-  if start == 0:
-    metrics.log({"step": 0, "val_loss": float(evaluate(state["params"],
-                                                       val_batches))})
-
   end = config.steps if stop_at is None else min(stop_at, config.steps)
   tokens_per_step = config.batch_size * config.model.context
   bar = tqdm(total=config.steps, initial=start, desc=name,
              disable=not progress)
   pending, clock, interval, train_time, timed = [], None, 0, 0.0, 0
-  for step in range(start + 1, end + 1):
-    batch = jax.make_array_from_process_local_data(
-        batch_sharding,
-        gpt2_data.train_batch(train_tokens, config.seed, step,
-                              config.batch_size, length, **rows),
-        (config.batch_size, length))
-    state, loss = train_step(state, batch)
-    pending.append(loss)
-    bar.update(1)
-    if clock is None:  # The first step compiles: keep it out of the timing.
-      jax.block_until_ready(loss)
-      clock = time.perf_counter()
-    else:
-      interval += 1
-    evaluate_now = step % config.eval_every == 0 or step == config.steps
-    if step % config.log_every and not evaluate_now and step != end:
-      continue
-    line = {"step": step,
-            "train_loss": float(np.mean(jax.device_get(pending)))}
-    if interval:
-      seconds = time.perf_counter() - clock
-      train_time, timed = train_time + seconds, timed + interval
-      line["tokens_per_s"] = interval * tokens_per_step / seconds
-    if evaluate_now:
-      line["val_loss"] = float(evaluate(state["params"], val_batches))
-    if config.checkpoint_every and (step % config.checkpoint_every == 0
-                                    or step == end):
-      checkpoints.save(step, state)
-    metrics.log(line)
-    bar.set_postfix(loss=f"{line['train_loss']:.3f}",
-                    tokens_per_s=f"{line.get('tokens_per_s', 0):.0f}")
-    pending, interval, clock = [], 0, time.perf_counter()
-  bar.close()
-  if checkpoints:
-    checkpoints.close()
-  metrics.close()
+  try:
+    if start == 0:
+      line = {"step": 0, "val_loss": float(evaluate(state["params"],
+                                                    val_batches))}
+      metrics.log(line)
+      _check_finite(name, line, (), metrics_path)
+    for step in range(start + 1, end + 1):
+      batch = jax.make_array_from_process_local_data(
+          batch_sharding,
+          gpt2_data.train_batch(train_tokens, config.seed, step,
+                                config.batch_size, length, **rows),
+          (config.batch_size, length))
+      state, loss = train_step(state, batch)
+      pending.append(loss)
+      bar.update(1)
+      if clock is None:  # The first step compiles: keep it out of the timing.
+        jax.block_until_ready(loss)
+        clock = time.perf_counter()
+      else:
+        interval += 1
+      evaluate_now = step % config.eval_every == 0 or step == config.steps
+      save_now = bool(config.checkpoint_every) and (
+          step % config.checkpoint_every == 0 or step == end)
+      if (step % config.log_every and not (evaluate_now or save_now)
+          and step != end):
+        continue
+      # The losses come to the host here only, so a divergence is seen at
+      # the next logged step.
+      losses = np.asarray(jax.device_get(pending))
+      line = {"step": step,
+              "train_loss": float(np.mean(losses, dtype=np.float64))}
+      if interval:
+        seconds = time.perf_counter() - clock
+        train_time, timed = train_time + seconds, timed + interval
+        line["tokens_per_s"] = interval * tokens_per_step / seconds
+      if evaluate_now:
+        line["val_loss"] = float(evaluate(state["params"], val_batches))
+      # Logged before the checkpoint, so a resume from it finds its line.
+      metrics.log(line)
+      _check_finite(name, line, losses, metrics_path)
+      if save_now:
+        checkpoints.save(step, state)
+      bar.set_postfix(loss=f"{line['train_loss']:.3f}",
+                      tokens_per_s=f"{line.get('tokens_per_s', 0):.0f}")
+      pending, interval, clock = [], 0, time.perf_counter()
+  finally:
+    bar.close()
+    if checkpoints:
+      checkpoints.close()
+    metrics.close()
   return _summary(name, metrics.history, config,
-                  train_time / timed if timed else math.nan)
+                  train_time / timed if timed else None)
 
 
 # ---------------------------------------------------------------------------
@@ -1024,12 +1130,18 @@ def plot_losses(results: list[dict[str, Any]], title: str = "") -> Figure:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-  """Final losses and speed per optimizer, one row each."""
+  """Final losses and speed per optimizer, one row each.
+
+  ``val step`` is the step of ``val loss``; ``s/step`` and ``tokens/s`` are
+  "-" where a session timed no step (see :func:`train`).
+  """
+  speed = lambda value, spec: "-" if value is None else format(value, spec)
   rows = [f"{'optimizer':<10} {'train loss':>10} {'val loss':>10} "
-          f"{'s/step':>8} {'tokens/s':>10}"]
+          f"{'val step':>9} {'s/step':>8} {'tokens/s':>10}"]
   rows += [f"{r['optimizer']:<10} {r['final_train_loss']:>10.4f} "
-           f"{r['final_val_loss']:>10.4f} {r['seconds_per_step']:>8.4f} "
-           f"{r['tokens_per_second']:>10.0f}" for r in results]
+           f"{r['final_val_loss']:>10.4f} {r['final_val_step']:>9} "
+           f"{speed(r['seconds_per_step'], '.4f'):>8} "
+           f"{speed(r['tokens_per_second'], '.0f'):>10}" for r in results]
   return "\n".join(rows)
 
 
@@ -1048,7 +1160,9 @@ def run(config: ml_collections.ConfigDict, names: tuple[str, ...] | None = None,
     The :func:`train` results, in order.
 
   Raises:
-    RunError: the config or work directory (see the checks).
+    RunError: the config or work directory (see the checks); or the
+      :class:`DivergenceError` of an optimizer's run, before the later
+      optimizers train and the plot and table are made.
     gpt2_data.ShardError: the token shards.
   """
   check_config(config)

@@ -1,10 +1,13 @@
-"""The GPT-2 example's checks before training (issue 11, items 18-21).
+"""The GPT-2 example's checks (issue 11, items 18-21) and what it reports.
 
 Config fields out of range, token ids outside the vocabulary, a work
-directory holding an earlier run, and a resume into another config are each
-an error naming what is wrong, raised before any step trains. The checks are
-called directly on ``configs/tiny.py``; one subprocess runs the command line
-for its exit status and message.
+directory holding an earlier run (or a checkpoint without its metrics), and a
+resume into another config are each an error naming what is wrong, raised
+before any step trains. A loss that turns NaN or infinite during training
+stops the run with an error naming the optimizer, the step and the loss; a
+session that timed no step reports no speed rather than NaN. The checks are
+called directly on ``configs/tiny.py``; two subprocesses run the command line
+for its exit status and message (a bad config, a diverging run).
 """
 
 from __future__ import annotations
@@ -308,3 +311,123 @@ def test_resume_starts_the_optimizers_that_never_ran(tmp_path, finished_run,
   config = tiny_config(tmp_path, **CHECKPOINTED)
   assert train_gpt2.check_workdir(config, ("adamw", "muon"),
                                   resume=True) == {"adamw": 2, "muon": 0}
+
+
+@pytest.mark.parametrize("keep, what", [(None, "is missing"),
+                                        (1, "has steps 0 to 0")])
+def test_resume_needs_the_metrics_up_to_the_checkpoint(
+    tmp_path, finished_run, stdlib_data, keep, what):
+  """Without its metrics.jsonl, resuming a finished run hit an IndexError.
+
+  With only some of its lines, it reported a NaN training loss and step 0's
+  validation loss as the final ones.
+  """
+  shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+  metrics = tmp_path / "adamw" / "metrics.jsonl"
+  if keep is None:
+    metrics.unlink()
+  else:
+    metrics.write_text("".join(metrics.read_text().splitlines(True)[:keep]))
+  config = tiny_config(tmp_path, **CHECKPOINTED)
+  for check in (
+      lambda: train_gpt2.check_workdir(config, ("adamw",), resume=True),
+      lambda: train_gpt2.train(config, "adamw", stdlib_data, resume=True)):
+    with pytest.raises(train_gpt2.RunError) as e:
+      check()
+    assert str(e.value) == (
+        f"{metrics} {what}, but {tmp_path / 'adamw' / 'checkpoints'} holds "
+        "a checkpoint at step 2: a resumed run would lose the losses of "
+        "steps 0 to 2; put the run's metrics.jsonl back, or choose another "
+        "config.workdir")
+
+
+# ---------------------------------------------------------------------------
+# What a run reports: speed, the final losses, divergence
+# ---------------------------------------------------------------------------
+
+
+def test_one_step_session_reports_no_speed_and_labels_the_val_loss(
+    tmp_path, stdlib_data):
+  """A session of one step printed nan for s/step and tokens/s.
+
+  Its only step compiles, so none is timed. Stopped before the first
+  evaluation, its "final" validation loss was step 0's, unlabelled. Resumed,
+  the checkpoint at step 2 (not a logging step) was skipped.
+  """
+  config = tiny_config(tmp_path, steps=3, log_every=3, checkpoint_every=2)
+  first = train_gpt2.train(config, "adamw", stdlib_data, stop_at=1)
+  assert first["seconds_per_step"] is None
+  assert first["tokens_per_second"] is None
+  assert first["final_val_step"] == 0
+  assert first["final_val_loss"] == first["val_loss"][0]
+  header, row = train_gpt2.format_table([first]).splitlines()
+  assert header.split() == ["optimizer", "train", "loss", "val", "loss",
+                            "val", "step", "s/step", "tokens/s"]
+  assert row.split() == ["adamw", f"{first['final_train_loss']:.4f}",
+                         f"{first['final_val_loss']:.4f}", "0", "-", "-"]
+
+  resumed = train_gpt2.train(config, "adamw", stdlib_data, resume=True)
+  assert resumed["final_val_step"] == 3
+  assert resumed["seconds_per_step"] > 0  # steps 2 and 3: one timed
+  checkpoints = tmp_path / "adamw" / "checkpoints"
+  assert sorted(int(p.name) for p in checkpoints.iterdir()) == [2, 3]
+  lines = (tmp_path / "adamw" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [0, 1, 2, 3]
+
+
+# Adam's first update moves every parameter whose gradient is well above its
+# eps (1e-8) by the learning rate (m / (sqrt(v) + eps) = g / (|g| + eps) after
+# bias correction); the tiny config's 5% warmup rounds to no step in runs of
+# 1 to 3 steps. At 1e38 the next forward pass multiplies such entries
+# together (a kernel's by a layer norm's bias or scale: 1e76 per term), far
+# past float32's largest value 3.4e38, so every loss after the first update
+# is inf or NaN, on any machine.
+DIVERGING_LEARNING_RATE = 1e38
+
+
+def test_validation_divergence_stops_the_run(tmp_path, stdlib_data):
+  """A NaN validation loss ended in a crash of the plot after training.
+
+  With one step, the training loss is of the initial parameters (finite);
+  the validation loss at step 1 is the first of the updated ones.
+  """
+  config = tiny_config(tmp_path, steps=1, checkpoint_every=1)
+  config.optimizer.learning_rate = DIVERGING_LEARNING_RATE
+  metrics = tmp_path / "adamw" / "metrics.jsonl"
+  with pytest.raises(train_gpt2.DivergenceError) as e:
+    train_gpt2.train(config, "adamw", stdlib_data)
+  assert re.fullmatch(
+      r"adamw diverged: the validation loss is (nan|inf) at step 1 "
+      rf"\(metrics up to step 1 in {re.escape(str(metrics))}\)",
+      str(e.value)), str(e.value)
+  lines = [json.loads(l) for l in metrics.read_text().splitlines()]
+  assert [l["step"] for l in lines] == [0, 1]
+  assert np.isfinite(lines[1]["train_loss"])
+  assert lines[1]["val_loss"] is None  # JSON has no NaN
+  assert not (tmp_path / "adamw" / "checkpoints" / "1").exists()
+
+
+def test_cli_stops_a_diverging_run_with_an_error(tmp_path):
+  """A NaN training loss went into the table, and the exit status was 0.
+
+  Logged every 3 steps, the error names the first non-finite step of the
+  three: step 2, the first after the update of step 1.
+  """
+  command = [sys.executable, str(ROOT / "examples" / "train_gpt2.py"),
+             f"--config={TINY}", f"--config.workdir={tmp_path}",
+             "--optimizers=adamw", "--config.steps=3",
+             "--config.log_every=3",
+             f"--config.optimizer.learning_rate={DIVERGING_LEARNING_RATE}"]
+  out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  metrics = tmp_path / "adamw" / "metrics.jsonl"
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert re.fullmatch(
+      r"error: adamw diverged: the training loss is (nan|inf) at step 2 "
+      rf"\(metrics up to step 3 in {re.escape(str(metrics))}\)",
+      out.stderr.strip().splitlines()[-1]), out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
+  lines = [json.loads(l) for l in metrics.read_text().splitlines()]
+  assert [l["step"] for l in lines] == [0, 3]
+  assert lines[1]["train_loss"] is None
+  assert not (tmp_path / "loss.png").exists()
