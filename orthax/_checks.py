@@ -11,11 +11,12 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_flag", "check_number", "check_same_shape",
-           "check_state_leaf"]
+__all__ = ["check_flag", "check_hyperparameter", "check_number",
+           "check_same_shape", "check_state_leaf"]
 
 
 def check_number(transform: str, name: str, value: Any, *,
@@ -91,11 +92,30 @@ def check_state_leaf(transform: str, path: str, leaf: Any,
         "with this optimizer's init, or restore with the same configuration.")
 
 
-def check_same_shape(transform: str, path: str, grad: Any, param: Any) -> None:
-  """Raises unless the gradient and the parameter of a leaf have one shape."""
+def check_same_shape(transform: str, path: str, grad: Any, param: Any, *,
+                     names: tuple[str, str] = ("gradient", "parameter")
+                     ) -> None:
+  """Raises unless the gradient and the parameter of a leaf have one shape.
+
+  ``names`` says what the two arrays are in the message (another pair of
+  trees, e.g. current and initial parameters).
+  """
   if jnp.shape(grad) != jnp.shape(param):
     raise ValueError(
-        f"{transform}: leaf {path} has a gradient of shape "
-        f"{tuple(jnp.shape(grad))} but its parameter has shape "
-        f"{tuple(jnp.shape(param))}; they must match (are the gradients of "
+        f"{transform}: leaf {path} has a {names[0]} of shape "
+        f"{tuple(jnp.shape(grad))} but its {names[1]} has shape "
+        f"{tuple(jnp.shape(param))}; they must match (are the {names[0]}s of "
         "another model or of a different parameter tree?).")
+
+
+def check_hyperparameter(transform: str, name: str, value: Any,
+                         **bounds: Any) -> Any:
+  """:func:`check_number`, except that a scalar JAX array passes unchecked.
+
+  ``optax.inject_hyperparams`` calls the factory with the hyperparameters it
+  was given as arrays (tracers under ``jit``), whose value cannot be checked
+  when the transform is built.
+  """
+  if isinstance(value, jax.Array) and value.ndim == 0:
+    return value
+  return check_number(transform, name, value, **bounds)

@@ -16,10 +16,15 @@ The default rule, applied to each leaf from its key path and shape:
    ``dimension_numbers`` give it a ``MuonDimensionNumbers``;
 4. everything else (scalars, biases, norm scales) is AdamW's.
 
+Every leaf must be float16, bfloat16, float32 or float64: a leaf of another
+dtype (an integer counter, a bool mask, float8) is neither a matrix nor
+something AdamW can update, and the optimizers raise an error naming it rather
+than routing it anywhere.
+
 Override it with ``label_fn``: a callable on the params (shapes and key paths
 only: optax may call it on the updates) or a tree of the same structure, whose
 leaves are ``"matrix"``/``"adamw"`` or ``True``/``False`` (``True`` meaning
-matrix).
+matrix; ``np.bool_`` too).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from orthax.matrices import DimensionNumbersSpec, resolve_dimension_numbers
+from orthax.matrices import (DimensionNumbersSpec, check_float,
+                             resolve_dimension_numbers)
 
 __all__ = ["ADAMW", "MATRIX", "LabelSpec", "default_labels", "resolve_labels"]
 
@@ -88,10 +95,10 @@ def default_labels(params: Any,
 
 
 def _check_label(path: str, shape: tuple[int, ...], label: Any) -> str:
-  if label is True or label == MATRIX:
-    return MATRIX
-  if label is False or label == ADAMW:
-    return ADAMW
+  if isinstance(label, (bool, np.bool_)):
+    return MATRIX if label else ADAMW
+  if isinstance(label, str) and label in (MATRIX, ADAMW):
+    return label
   raise ValueError(
       f"label for leaf {path} (shape {shape}) is {label!r}; expected "
       f"{MATRIX!r} or {ADAMW!r} "
@@ -102,6 +109,9 @@ def resolve_labels(label_fn: LabelSpec,
                    dimension_numbers: DimensionNumbersSpec) -> Callable[[Any], Any]:
   """Returns ``params -> labels`` for :func:`optax.partition`.
 
+  The returned function raises a ``TypeError`` naming the first leaf whose
+  dtype is not a supported float (see the module docstring).
+
   Args:
     label_fn: ``None`` for the default rule, a callable on the params, or a
       tree of labels.
@@ -109,6 +119,8 @@ def resolve_labels(label_fn: LabelSpec,
   """
 
   def labels(params):
+    for kp, x in jax.tree_util.tree_leaves_with_path(params):
+      check_float(jax.tree_util.keystr(kp), x, "orthax.labels")
     if label_fn is None:
       return default_labels(params, dimension_numbers)
     tree = label_fn(params) if callable(label_fn) else label_fn

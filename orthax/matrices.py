@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
 from orthax._tree import map_with_path
@@ -94,13 +96,25 @@ def resolve_dimension_numbers(
   return [b.spec for b in jax.tree.leaves(boxed)]
 
 
-def _axes(axis: int | Sequence[int], ndim: int, what: str, where: str,
+def _axis(a: Any) -> bool:
+  """Whether ``a`` is an axis index: a Python or NumPy integer, not a bool."""
+  return isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_))
+
+
+def _axes(axis: Any, ndim: int, what: str, where: str,
           shape: tuple[int, ...]) -> tuple[int, ...]:
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if _axis(axis):
+    axes = (int(axis),)
+  elif isinstance(axis, (tuple, list)) and all(_axis(a) for a in axis):
+    axes = tuple(int(a) for a in axis)
+  else:
+    raise TypeError(
+        f"{where}: {what}={axis!r} must be an integer axis or a tuple of them "
+        f"(Python or NumPy integers), for a leaf of shape {shape}.")
   if not axes:
     raise ValueError(f"{where}: {what} is empty for a leaf of shape {shape}.")
   for a in axes:
-    if not isinstance(a, int) or not -ndim <= a < ndim:
+    if not -ndim <= a < ndim:
       raise ValueError(
           f"{where}: {what}={axis!r} is out of range for a leaf of shape "
           f"{shape} (ndim {ndim}).")
@@ -111,14 +125,24 @@ def _axes(axis: int | Sequence[int], ndim: int, what: str, where: str,
   return normalized
 
 
+# The dtypes every transform computes in; float8 formats have no implicit
+# promotion to float32 and too few bits for the iteration or the moments.
+_FLOATS = tuple(map(jnp.dtype, (jnp.float16, jnp.bfloat16, jnp.float32,
+                                jnp.float64)))
+
+
 def check_float(path: str, leaf: Any, transform: str) -> None:
-  """Raises a ``TypeError`` naming the leaf unless it has a real float dtype."""
+  """Raises a ``TypeError`` naming the leaf unless its dtype is supported.
+
+  Supported: float16, bfloat16, float32 and float64 (integers, bools,
+  complex numbers and float8 formats are not).
+  """
   dtype = jnp.result_type(leaf)
-  if not jnp.issubdtype(dtype, jnp.floating):
+  if dtype not in _FLOATS:
     raise TypeError(
         f"{transform}: leaf {path} has dtype {dtype} (shape "
-        f"{jnp.shape(leaf)}); expected a real floating dtype (float32, "
-        "bfloat16, float16 or float64).")
+        f"{jnp.shape(leaf)}); expected one of float32, bfloat16, float16 or "
+        "float64.")
 
 
 @dataclasses.dataclass(frozen=True)

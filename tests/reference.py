@@ -9,6 +9,7 @@ routes to the same numbers.
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 MUON_ABC = (3.4445, -4.7750, 2.0315)
 
@@ -31,7 +32,8 @@ def newton_schulz(g: np.ndarray, coeffs, *, margin: float = 1.0,
   tall = x.shape[0] > x.shape[1]
   if tall:
     x = x.T
-  x = x / (margin * np.sqrt(np.sum(x * x)) + eps)
+  # orthax's eps is relative to the largest entry (scale-invariant update)
+  x = x / (margin * np.sqrt(np.sum(x * x)) + eps * np.max(np.abs(x)))
   for a, b, c in coeffs:
     gram = x @ x.T
     x = a * x + (b * gram + c * gram @ gram) @ x
@@ -101,12 +103,15 @@ def normuon_run(params, grads_per_step, *, lr, beta=0.95, beta2=0.95,
 
 
 def pion_run(w, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-8,
-             rms_scale=0.2, expm="taylor2", left=True, right=True):
+             rms_scale=0.2, expm="taylor2", left=True, right=True,
+             max_angle=None):
   """Pion (Shi et al. 2026) on one 2-D matrix; returns W after every step.
 
   G_l = g W^T - W g^T, G_r = W^T g - g^T W; Adam moments per side without
   bias correction; A = -m / (sqrt(v) + eps); alpha = rms_scale sqrt(mn) /
   (||A_l W + W A_r||_F + eps); W <- E(h A_l) W E(h A_r), h = lr alpha.
+  With ``max_angle`` (orthax's clamp), h is at most max_angle ||W||_F /
+  (||A_l W + W A_r||_F + eps). ``expm="exact"`` is SciPy's matrix exponential.
   """
   w = np.asarray(w, np.float64)
   m, n = w.shape
@@ -119,6 +124,8 @@ def pion_run(w, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-8,
       return eye + h * a + 0.5 * (h * a) @ (h * a)
     if expm == "cayley":
       return np.linalg.inv(eye - 0.5 * h * a) @ (eye + 0.5 * h * a)
+    if expm == "exact":
+      return scipy.linalg.expm(h * a)
     raise ValueError(expm)
 
   history = []
@@ -133,7 +140,10 @@ def pion_run(w, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-8,
       mom[side][1] = b2 * mom[side][1] + (1 - b2) * gs * gs
       a[side] = -mom[side][0] / (np.sqrt(mom[side][1]) + eps)
     first = a.get("l", np.zeros((m, m))) @ w + w @ a.get("r", np.zeros((n, n)))
-    h = lr * rms_scale * np.sqrt(m * n) / (np.linalg.norm(first) + eps)
+    step = lr * rms_scale * np.sqrt(m * n)
+    if max_angle is not None:
+      step = min(step, max_angle * np.linalg.norm(w))
+    h = step / (np.linalg.norm(first) + eps)
     if "l" in a:
       w = rotation(a["l"], h) @ w
     if "r" in a:

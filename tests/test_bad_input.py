@@ -106,7 +106,7 @@ def test_unknown_backend_preconditioning_mode_axis():
     orthax.orthogonalize(gram="yes")
   with pytest.raises(ValueError, match="gram=True needs Newton-Schulz coefficients"):
     orthax.orthogonalize(coeffs="svd", gram=True)
-  with pytest.raises(ValueError, match="gram_restart must be None or a positive"):
+  with pytest.raises(ValueError, match=re.escape("gram_restart must be in [1, inf), got 0")):
     orthax.orthogonalize(gram_restart=0)
   with pytest.raises(ValueError, match="scale_by_shape mode 'adam'"):
     orthax.scale_by_shape("adam")
@@ -120,7 +120,7 @@ def test_unknown_backend_preconditioning_mode_axis():
     (np.ones((0, 3)), None, re.escape("got shape (0, 3)")),
     (np.ones((2, 3, 3)), None, re.escape("got shape (2, 3, 3)")),
     ([[1.0, np.nan, 0.0]], None, "must be finite"),
-    ("muon", 0, "steps must be a positive integer, got 0"),
+    ("muon", 0, re.escape("steps must be in [1, inf), got 0")),
 ])
 def test_bad_coefficients(coeffs, steps, match):
   with pytest.raises(ValueError, match=match):
@@ -157,6 +157,221 @@ def test_bad_labels_in_muon():
     orthax.normuon(0.1, label_fn=as_matrix).init(_PARAMS)
 
 
+def _first_update(tx, params, grads):
+  return tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("dn", [
+    MDN(np.int64(1), np.int32(2)),
+    MDN((np.int64(1),), (np.int16(-1),)),
+    MDN([np.int64(1)], 2),
+])
+@pytest.mark.parametrize("make", [
+    orthax.orthogonalize, orthax.neuron_normalize, orthax.scale_by_shape])
+def test_numpy_integer_axes_are_accepted(make, dn):
+  g = {"w": _normal(0, (3, 4, 5))}
+  got = _update(make(dimension_numbers=dn), g)[0]["w"]
+  want = _update(make(dimension_numbers=MDN(1, 2)), g)[0]["w"]
+  np.testing.assert_array_equal(got, want)
+
+
+def test_numpy_integer_axes_in_muon():
+  params = {"w": _normal(0, (3, 4, 5)), "b": _normal(1, (5,))}
+  dn = {"w": MDN(np.int64(1), np.int64(2)), "b": None}
+  got = _first_update(orthax.muon(0.1, dimension_numbers=dn), params, params)[0]
+  want = _first_update(orthax.muon(0.1, dimension_numbers={"w": MDN(1, 2), "b": None}),
+                       params, params)[0]
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("dn, what", [
+    (MDN(1.0, 2), "reduction_axis=1.0"),
+    (MDN(None, 2), "reduction_axis=None"),
+    (MDN(1, (2.0,)), "output_axis=(2.0,)"),
+    (MDN(True, 2), "reduction_axis=True"),
+])
+@pytest.mark.parametrize("make", [
+    orthax.orthogonalize, orthax.neuron_normalize, orthax.scale_by_shape])
+def test_non_integer_axes_are_named(make, dn, what):
+  tree = {"layer": {"w": jnp.ones((4, 6))}, "conv": jnp.ones((3, 4, 5))}
+  tx = make(dimension_numbers={"layer": None, "conv": dn})
+  with pytest.raises(TypeError, match=_names("['conv']", (3, 4, 5)) + "(?=.*integer)") as e:
+    _update(tx, tree)
+  assert what in str(e.value)
+
+
+@pytest.mark.parametrize("make", [orthax.muon, orthax.normuon])
+@pytest.mark.parametrize("leaf, grad_shape", [
+    ("w", (6, 4)),     # a hidden matrix, transposed
+    ("w", (1, 6)),     # ... or one that would broadcast
+    ("bias", (1, 6)),  # an AdamW leaf
+])
+def test_gradient_of_another_shape_is_named(make, leaf, grad_shape):
+  params = {"w": _normal(0, (4, 6)), "bias": _normal(1, (6,))}
+  grads = {**params, leaf: _normal(2, grad_shape)}
+  shape = params[leaf].shape
+  pattern = _names(f"['{leaf}']", grad_shape) + f"(?=.*{re.escape(str(shape))})"
+  with pytest.raises(ValueError, match=pattern):
+    _first_update(make(0.1), params, grads)
+
+
+def test_neuron_normalize_update_of_another_fan_in_is_named():
+  """The state holds one entry per output neuron, so another fan_in is seen
+  through the params (or, with axis="input", through the state)."""
+  params = {"w": _normal(0, (4, 6))}
+  other = {"w": _normal(1, (5, 6))}
+  tx = orthax.neuron_normalize()
+  with pytest.raises(ValueError, match=_names("['w']", (5, 6)) + r"(?=.*\(4, 6\))"):
+    tx.update(other, tx.init(params), params)
+  tx = orthax.neuron_normalize(axis="input")
+  with pytest.raises(ValueError, match=_names("['w']", (1, 5)) + r"(?=.*\(1, 4\))"):
+    tx.update(other, tx.init(params))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_float8_leaves_are_named(dtype):
+  tree = {"w": jnp.ones((4, 6), dtype), "f": jnp.ones((4, 6))}
+  pattern = (_names("['w']", (4, 6)) + f"(?=.*{jnp.dtype(dtype).name})"
+             "(?=.*float32, bfloat16, float16 or float64)")
+  for call in (lambda: orthax.orthogonalize().update(tree, None),
+               lambda: orthax.momentum().init(tree),
+               lambda: orthax.neuron_normalize().init(tree),
+               lambda: orthax.scale_by_shape().update(tree, None),
+               lambda: orthax.muon(0.1).init(tree),
+               lambda: orthax.normuon(0.1).init(tree),
+               lambda: orthax.pion(0.1).init(tree)):
+    with pytest.raises(TypeError, match=pattern):
+      call()
+
+
+@pytest.mark.parametrize("make", [orthax.muon, orthax.normuon, orthax.pion])
+@pytest.mark.parametrize("leaf", [
+    jnp.arange(3), jnp.ones(3, bool), jnp.zeros((), jnp.int32),
+    jnp.ones((2, 3), jnp.int8)])
+def test_non_float_leaves_are_named_by_the_optimizers(make, leaf):
+  """Not routed to AdamW (whose integer update apply_updates truncates)."""
+  params = {"w": _normal(0, (4, 6)), "step": leaf}
+  pattern = _names("['step']", leaf.shape) + f"(?=.*{leaf.dtype.name})"
+  with pytest.raises(TypeError, match=pattern):
+    make(0.1).init(params)
+  floats = {**params, "step": jnp.zeros(leaf.shape)}
+  tx = make(0.1)
+  with pytest.raises(TypeError, match=pattern):
+    tx.update(params, tx.init(floats), floats)
+
+
+@pytest.mark.parametrize("make, arg, match", [
+    (lambda: orthax.momentum(beta=1.0), "beta", r"\[0, 1\)"),
+    (lambda: orthax.momentum(beta=-0.1), "beta", r"\[0, 1\)"),
+    (lambda: orthax.momentum(beta=1.5), "beta", r"\[0, 1\)"),
+    (lambda: orthax.momentum(beta=np.nan), "beta", "finite"),
+    (lambda: orthax.neuron_normalize(beta2=2), "beta2", r"\[0, 1\)"),
+    (lambda: orthax.neuron_normalize(eps=-1e-10), "eps", r"\[0, inf\)"),
+    (lambda: orthax.orthogonalize(eps=-1e-7), "eps", r"\[0, inf\)"),
+    (lambda: orthax.orthogonalize(steps=0), "steps", r"\[1, inf\)"),
+    (lambda: orthax.orthogonalize(gram_restart=0), "gram_restart", r"\[1, inf\)"),
+    (lambda: orthax.scale_by_shape("rms", rms=-1), "rms", r"\(0, inf\)"),
+    (lambda: orthax.scale_by_shape("rms", rms=0.0), "rms", r"\(0, inf\)"),
+    (lambda: orthax.muon(0.1, beta=1.0), "beta", r"\[0, 1\)"),
+    (lambda: orthax.muon(0.1, eps=-1.0), "eps", r"\[0, inf\)"),
+    (lambda: orthax.muon(0.1, weight_decay=-0.01), "weight_decay", r"\[0, inf\)"),
+    (lambda: orthax.muon(0.1, adam_b1=1.0), "adam_b1", r"\[0, 1\)"),
+    (lambda: orthax.muon(0.1, adam_b2=-0.5), "adam_b2", r"\[0, 1\)"),
+    (lambda: orthax.muon(0.1, adam_eps=-1e-8), "adam_eps", r"\(0, inf\)"),
+    (lambda: orthax.muon(0.1, adam_eps=0.0), "adam_eps", r"\(0, inf\)"),
+    (lambda: orthax.muon(0.1, adam_weight_decay=-1.0), "adam_weight_decay",
+     r"\[0, inf\)"),
+    (lambda: orthax.normuon(0.1, beta2=1.0), "beta2", r"\[0, 1\)"),
+    (lambda: orthax.normuon(0.1, neuron_eps=-1.0), "eps", r"\[0, inf\)"),
+    (lambda: orthax.normuon(0.1, weight_decay=-0.01), "weight_decay", r"\[0, inf\)"),
+])
+def test_hyperparameters_out_of_range(make, arg, match):
+  with pytest.raises(ValueError, match=rf"{arg} must be .*{match}"):
+    make()
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: orthax.momentum(nesterov=1), "nesterov"),
+    (lambda: orthax.momentum(beta="0.9"), "beta"),
+    (lambda: orthax.orthogonalize(steps=2.5), "steps"),
+    (lambda: orthax.orthogonalize(gram_restart=1.0), "gram_restart"),
+    (lambda: orthax.orthogonalize(eps=None), "eps"),
+    (lambda: orthax.scale_by_shape("rms", rms=None), "rms"),
+    (lambda: orthax.muon(0.1, adam_b1=None), "adam_b1"),
+])
+def test_hyperparameters_of_the_wrong_type(make, arg):
+  with pytest.raises(TypeError, match=f"{arg} must be"):
+    make()
+
+
+_MATRIX = {"w": (4, 6)}
+_MIXED = {"w": (4, 6), "bias": (6,)}
+
+
+@pytest.mark.parametrize("numpy_made, python_made, shapes", [
+    (lambda: orthax.momentum(np.float32(0.5), nesterov=np.bool_(False)),
+     lambda: orthax.momentum(0.5, nesterov=False), _MIXED),
+    (lambda: orthax.orthogonalize(steps=np.int64(3), gram=np.bool_(True),
+                                  gram_restart=np.int32(1), eps=np.float64(0.0)),
+     lambda: orthax.orthogonalize(steps=3, gram=True, gram_restart=1, eps=0.0),
+     _MATRIX),
+    (lambda: orthax.orthogonalize(coeffs="svd", gram=np.bool_(False)),
+     lambda: orthax.orthogonalize(coeffs="svd", gram=False), _MATRIX),
+    (lambda: orthax.neuron_normalize(np.float64(0.5), np.float32(0.0)),
+     lambda: orthax.neuron_normalize(0.5, 0.0), _MATRIX),
+    (lambda: orthax.scale_by_shape("rms", rms=np.float32(0.5)),
+     lambda: orthax.scale_by_shape("rms", rms=0.5), _MATRIX),
+    (lambda: orthax.muon(0.1, beta=np.float64(0.5), nesterov=np.bool_(False),
+                         steps=np.int64(3), weight_decay=np.float32(0.5),
+                         adam_b1=np.float64(0.5), adam_eps=np.float64(1e-3)),
+     lambda: orthax.muon(0.1, beta=0.5, nesterov=False, steps=3,
+                         weight_decay=0.5, adam_b1=0.5, adam_eps=1e-3), _MIXED),
+])
+def test_numpy_scalars_are_accepted(numpy_made, python_made, shapes):
+  """NumPy numbers and np.bool_ give what the Python ones give."""
+  tx, ref = numpy_made(), python_made()
+  params = {k: _normal(i, s) for i, (k, s) in enumerate(shapes.items())}
+  state, ref_state = tx.init(params), ref.init(params)
+  for step in range(2):
+    g = {k: _normal(10 + 2 * step + i, s) for i, (k, s) in enumerate(shapes.items())}
+    u, state = tx.update(g, state, params)
+    want, ref_state = ref.update(g, ref_state, params)
+    jax.tree.map(np.testing.assert_array_equal, u, want)
+
+
+@pytest.mark.parametrize("make", [orthax.muon, orthax.normuon])
+def test_restored_state_of_other_labels_is_named(make, tmp_path):
+  """A checkpoint of an optimizer that sent the embedding to AdamW, restored
+  into one whose label_fn makes it a matrix: orbax fills the missing
+  momentum (and NorMuon statistic) with None, and the first update names
+  the leaf instead of failing on None."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  params = {"embedding": _normal(0, (10, 8)), "hidden": _normal(1, (8, 16)),
+            "bias": _normal(2, (16,))}
+  grads = jax.tree.map(lambda x: 0.5 * x, params)
+  old = make(0.02)
+  moved = make(0.02, label_fn=lambda p: {"embedding": "matrix",
+                                         "hidden": "matrix", "bias": "adamw"})
+  _, state = _first_update(old, params, grads)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "ckpt", {"opt_state": state})
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          {"opt_state": moved.init(params)})
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(tmp_path / "ckpt", abstract)["opt_state"]
+  pattern = _names("['embedding']", (10, 8)) + "(?=.*does not match this optimizer)"
+  with pytest.raises(ValueError, match=pattern):
+    moved.update(grads, restored, params)
+
+
+def test_state_of_another_shape_is_named():
+  params = {"w": _normal(0, (4, 6))}
+  other = {"w": _normal(1, (6, 4))}
+  for tx in (orthax.momentum(), orthax.neuron_normalize()):
+    with pytest.raises(ValueError, match=r"\['w'\].*does not match this optimizer"):
+      tx.update(other, tx.init(params))
+
+
 # --------------------------------------------------------------------------
 # Zero gradients
 
@@ -172,6 +387,12 @@ _ZERO_TXS = {
     "scale_by_shape-rms": orthax.scale_by_shape("rms"),
     "muon": orthax.muon(0.1, weight_decay=0.0),
     "normuon": orthax.normuon(0.1, weight_decay=0.0),
+    # eps = 0 must not turn 0 / 0 into NaN
+    "orthogonalize-eps0": orthax.orthogonalize(eps=0.0),
+    "orthogonalize-gram-eps0": orthax.orthogonalize(eps=0.0, gram=True),
+    "neuron_normalize-eps0": orthax.neuron_normalize(eps=0.0),
+    "normuon-eps0": orthax.normuon(0.1, weight_decay=0.0, eps=0.0,
+                                   neuron_eps=0.0),
 }
 
 
@@ -203,12 +424,13 @@ def test_zero_gradients_leave_only_weight_decay(make):
 # Vectors: 1 x n and n x 1 matrices
 
 
-def _scalar_map(norm, coeffs):
-  """Where Newton-Schulz sends the one singular value of a rank-1 matrix."""
+def _scalar_map(g, coeffs):
+  """Where Newton-Schulz sends the one singular value of a rank-1 matrix g."""
   if coeffs == "svd":
     return 1.0
   preset = PRESETS[coeffs]
-  s = norm / (preset.norm_margin * norm + 1e-7)
+  norm = np.linalg.norm(g)
+  s = norm / (preset.norm_margin * norm + 1e-7 * np.max(np.abs(g)))
   for a, b, c in preset.coeffs:
     s = a * s + b * s**3 + c * s**5
   return s
@@ -219,15 +441,15 @@ def _scalar_map(norm, coeffs):
 def test_vector_maps_to_normalized_vector(coeffs, shape):
   g = _normal(3, shape)
   out = orthax.orthogonalize(coeffs=coeffs).update({"w": g}, None)[0]["w"]
-  norm = float(np.linalg.norm(np.asarray(g, np.float64)))
-  unit = np.asarray(g, np.float64) / norm  # the exact polar factor
+  g64 = np.asarray(g, np.float64)
+  unit = g64 / np.linalg.norm(g64)  # the exact polar factor
   assert out.shape == shape
-  np.testing.assert_allclose(out, _scalar_map(norm, coeffs) * unit, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(out, _scalar_map(g64, coeffs) * unit, rtol=2e-5, atol=1e-6)
   if coeffs == "svd":
     np.testing.assert_allclose(out, unit, rtol=1e-5, atol=1e-7)
   else:  # within the preset's documented band around the exact factor
     lo, hi = PRESETS[coeffs].band
-    assert lo <= _scalar_map(norm, coeffs) <= hi
+    assert lo <= _scalar_map(g64, coeffs) <= hi
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (7, 1)])
@@ -240,7 +462,8 @@ def test_vector_through_muon(shape):
   norm = np.linalg.norm(nesterov)
   scale = np.sqrt(max(1.0, shape[1] / shape[0]))
   # orthax.muon's default coefficients are Polar Express's
-  want = -lr * (scale * _scalar_map(norm, "polar_express") * nesterov / norm + wd * np.asarray(p))
+  want = -lr * (scale * _scalar_map(nesterov, "polar_express") * nesterov / norm
+                + wd * np.asarray(p))
   np.testing.assert_allclose(u, want, rtol=2e-5, atol=1e-7)
 
 

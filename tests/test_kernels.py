@@ -133,6 +133,22 @@ def test_matmul_update(variant, dtype):
     np.testing.assert_allclose(np.asarray(got), p_op @ x64, atol=tol)
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0, 3, 4)])
+def test_empty_operands(variant, shape):
+  """Empty results come back empty; an empty contraction (5x0 times its
+  transpose) is the zero product, so only the epilogue's 2 I is left (exact:
+  no rounding)."""
+  x = jnp.zeros(shape)
+  kw = dict(target=VARIANTS[variant], tiles=SMALL)
+  got = kernels.symmetric_matmul(x, x, identity_scale=2.0, **kw)
+  m = shape[-2]
+  np.testing.assert_array_equal(got, np.broadcast_to(2.0 * np.eye(m),
+                                                     shape[:-2] + (m, m)))
+  p = jnp.ones(shape[:-2] + (m, m))
+  assert kernels.matmul_update(p, x, 3.0, **kw).shape == shape
+
+
 def test_triangle_walk_covers_each_upper_tile_once():
   for n in range(1, 8):
     got = [tuple(int(v) for v in matmul._triangle(jnp.int32(t), n))

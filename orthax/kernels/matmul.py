@@ -15,7 +15,8 @@ Operands are rounded to the operand dtype inside the kernel (so an f32 matrix
 feeds a bf16 product without a separate cast) and accumulated in float32.
 Leading axes are a batch, one grid axis. Axes that are not a multiple of the
 block are zero-padded, which leaves every product exact, and the result is
-sliced back.
+sliced back; an empty result is returned as is, and an empty contraction
+(``k = 0``) is padded to one block of zeros.
 
 How the contraction is reduced depends on the lowering
 (:mod:`orthax.kernels.platform`): Mosaic TPU makes it the last grid axis,
@@ -72,7 +73,7 @@ def _round_up(n: int, block: int) -> int:
 
 
 def _flatten_padded(x: jax.Array, rows: int, cols: int) -> jax.Array:
-  x = x.reshape((-1,) + x.shape[-2:])
+  x = x.reshape((math.prod(x.shape[:-2]),) + x.shape[-2:])
   pad = ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2]))
   return jnp.pad(x, pad) if any(p for _, p in pad) else x
 
@@ -112,13 +113,17 @@ def _tiled_product(lhs, rhs, *, addend, coeffs, transpose_rhs: bool,
   target = platform.target() if target is None else target
   batch_shape, (m, k) = lhs.shape[:-2], lhs.shape[-2:]
   n = rhs.shape[-2] if transpose_rhs else rhs.shape[-1]
+  if 0 in (math.prod(batch_shape), m, n):  # no tile to compute
+    return jnp.zeros(batch_shape + (m, n), out_dtype)
   if tiles is None:
     itemsize = max(jnp.dtype(lhs.dtype).itemsize, jnp.dtype(rhs.dtype).itemsize)
     tiles = platform.tiles_for(target, max(m, n, k), itemsize)
   bm = platform.block_size(m, tiles.block)
   bn = bm if symmetric else platform.block_size(n, tiles.block)
   bk = platform.block_size(k, tiles.block_k)
-  mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
+  # An empty contraction still needs one (zero) block: the epilogue runs at
+  # its last step.
+  mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(max(k, 1), bk)
   lhs = _flatten_padded(lhs, mp, kp)
   rhs = (_flatten_padded(rhs, np_, kp) if transpose_rhs
          else _flatten_padded(rhs, kp, np_))

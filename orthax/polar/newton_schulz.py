@@ -22,21 +22,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BACKENDS", "MatmulOps", "XLA_OPS", "frobenius_normalize",
+__all__ = ["BACKENDS", "MatmulOps", "XLA_OPS", "divide_by_max_abs",
+           "frobenius_normalize",
            "matmul_ops", "newton_schulz", "newton_schulz_flops", "use_gram"]
+
+
+def divide_by_max_abs(x: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
+  """``(x / peak, peak)`` with ``peak = max |x|`` over ``axis`` (kept).
+
+  The quotient has entries in ``[-1, 1]``, so sums of its squares neither
+  overflow nor underflow whatever the scale of ``x``. Where ``x`` is all zero
+  (or empty) ``peak`` is 1, so zero stays zero; NaN and Inf propagate.
+  """
+  peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0.0)
+  peak = jnp.where(peak == 0, jnp.ones_like(peak), peak)
+  return x / peak, peak
 
 
 def frobenius_normalize(x: jax.Array, *, margin: float = 1.0,
                         eps: float = 1e-7) -> jax.Array:
-  """Divides each matrix (last two axes) by ``margin * ||X||_F + eps``.
+  """Divides each matrix (last two axes) by ``margin * ||X||_F + eps * max|X|``.
 
-  The norm is accumulated in float32 (or float64 for float64 input) whatever
-  the input dtype, so bf16 input does not overflow or lose the scale.
+  The result does not depend on the scale of ``X``: the matrix is first
+  divided by its largest magnitude (:func:`divide_by_max_abs`), in float32
+  (float64 for float64 input) whatever its dtype, so a finite matrix of any
+  norm (above about 1.8e19 the square of the norm overflows float32) or a
+  tiny one (below ``eps`` in norm, or subnormal) is normalized like the same
+  matrix at unit scale. ``eps`` is relative: it changes the normalized matrix
+  by a factor within ``eps / margin`` of 1 (``max|X| <= ||X||_F``). A zero
+  matrix maps to zero for every ``eps >= 0``, with a zero derivative there
+  (the map jumps at zero; NaN would poison every gradient it reaches).
   """
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=(-2, -1),
-                          keepdims=True))
-  return (x.astype(acc) / (margin * norm + eps)).astype(x.dtype)
+  unit, _ = divide_by_max_abs(x.astype(acc), (-2, -1))
+  square = jnp.sum(jnp.square(unit), axis=(-2, -1), keepdims=True)
+  zero = square == 0  # otherwise square >= 1: unit has an entry of size 1
+  # The branches that where() discards get a zero cotangent, and sqrt's
+  # infinite slope at 0 would make that 0 * inf = NaN: they never see 0.
+  one = jnp.ones_like(square)
+  scale = margin * jnp.sqrt(jnp.where(zero, one, square)) + eps
+  out = jnp.where(zero, jnp.zeros_like(unit), unit / jnp.where(zero, one, scale))
+  return out.astype(x.dtype)
 
 
 def _mm(p: jax.Array, q: jax.Array, acc) -> jax.Array:
@@ -206,14 +232,16 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
   """Approximate polar factor of each matrix in ``x`` (last two axes).
 
   Args:
-    x: array of shape ``(..., m, n)``, real floating dtype.
+    x: array of shape ``(..., m, n)``, real floating dtype; a side may be 0
+      (the result is then empty).
     coeffs: ``(steps, 3)`` table of ``(a, b, c)``, one row per step (see
       :mod:`orthax.polar.coefficients`).
-    norm_margin: the input is divided by ``norm_margin * ||X||_F + eps``
-      (Frobenius normalization bounds the spectral norm by 1; a margin above 1
-      leaves room for rounding).
-    eps: keeps the normalization finite for an all-zero matrix, which maps to
-      zero.
+    norm_margin: the input is divided by ``norm_margin * ||X||_F +
+      eps * max|X|`` (:func:`frobenius_normalize`: Frobenius normalization
+      bounds the spectral norm by 1; a margin above 1 leaves room for
+      rounding).
+    eps: a relative regularizer of that division, ``>= 0``; the result does
+      not depend on the scale of ``x``, and an all-zero matrix maps to zero.
     compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``); ``None``
       uses ``x.dtype``. The result is returned in ``x.dtype``.
     gram: iterate on the ``min(m, n)`` Gram matrix (Gram Newton–Schulz,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from orthax.polar.newton_schulz import divide_by_max_abs
+
 __all__ = ["polar_svd", "singular_values", "orthogonality_error"]
 
 
@@ -21,18 +23,24 @@ def polar_svd(x: jax.Array, *, rtol: float | None = None) -> jax.Array:
   arbitrary orthogonal matrix.
 
   Args:
-    x: array of shape ``(..., m, n)``.
+    x: array of shape ``(..., m, n)``; a side may be 0.
     rtol: relative threshold; default ``max(m, n) * machine epsilon`` of the
       computation dtype.
 
   Returns:
-    Array like ``x`` (same dtype); computed in at least float32.
+    Array like ``x`` (same dtype); computed in at least float32, on ``x``
+    divided by its largest magnitude, so any finite scale gives the factor
+    of the unit-scale matrix.
   """
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  u, s, vt = jnp.linalg.svd(x.astype(acc), full_matrices=False)
+  # The factor does not depend on the scale: the SVD sees entries in [-1, 1].
+  unit, _ = divide_by_max_abs(x.astype(acc), (-2, -1))
+  u, s, vt = jnp.linalg.svd(unit, full_matrices=False)
   if rtol is None:
     rtol = max(x.shape[-2:]) * float(jnp.finfo(acc).eps)
-  keep = s > rtol * jnp.max(s, axis=-1, keepdims=True)
+  # initial=0: a matrix with a side of 0 has no singular values (and an
+  # empty polar factor)
+  keep = s > rtol * jnp.max(s, axis=-1, keepdims=True, initial=0.0)
   q = (u * keep[..., None, :].astype(acc)) @ vt
   return q.astype(x.dtype)
 

@@ -6,6 +6,7 @@ import math
 
 import optax
 
+from orthax._checks import check_hyperparameter
 from orthax.matrices import DimensionNumbersSpec, map_matrices
 
 __all__ = ["scale_by_shape"]
@@ -32,12 +33,17 @@ def scale_by_shape(
 
   Args:
     mode: ``"muon"`` or ``"rms"``.
-    rms: the target RMS in ``"rms"`` mode.
+    rms: the target RMS in ``"rms"`` mode, ``> 0``.
     dimension_numbers: as in :func:`orthax.orthogonalize`; fan_in and fan_out
       are the products of the reduction and output axes.
 
   Returns:
-    A stateless :class:`optax.GradientTransformation`.
+    A stateless :class:`optax.GradientTransformation`. A leaf with a side of
+    0 is returned empty.
+
+  Raises:
+    ValueError: unknown ``mode``, or ``rms <= 0`` (at construction).
+    TypeError: ``rms`` is not a real number.
 
   Example:
     >>> import jax.numpy as jnp, optax, orthax
@@ -53,10 +59,13 @@ def scale_by_shape(
   if mode not in _MODES:
     raise ValueError(f"Unknown scale_by_shape mode {mode!r}; expected one of "
                      f"{_MODES}.")
+  rms = check_hyperparameter("orthax.scale_by_shape", "rms", rms, low=0.0,
+                             low_open=True)
 
   def factor(view) -> float:
     if mode == "muon":
-      return math.sqrt(max(1.0, view.fan_out / view.fan_in))
+      # max(fan_in, 1): an empty leaf's factor multiplies nothing
+      return math.sqrt(max(1.0, view.fan_out / max(view.fan_in, 1)))
     return rms * math.sqrt(max(view.fan_in, view.fan_out))
 
   def update_fn(updates, state, params=None):
