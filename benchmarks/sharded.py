@@ -17,9 +17,15 @@ matmul FLOPs one device executes, against the even share (all the matrices'
 FLOPs / devices, by each method's own count: orthax's Gram path does fewer
 than optax's iteration), and the bytes of every collective (each one's result
 on one device, summed), as a ratio to XLA's partitioning of optax's
-iteration. orthax's program also runs, for its largest difference from the
-unsharded result. Nothing is timed: 8 simulated devices on 2 cores say
-nothing about speed. Prints a table and writes JSON.
+iteration. orthax's program also runs, for its largest entry error against
+the same iteration in float64. None of these programs is timed: 8 simulated
+devices on 2 cores say nothing about speed.
+
+Then the compile time of an MoE expert stack ``(E, 32, 64)``, sharded along
+fan_in, for growing ``E`` (:func:`compile_scaling`), sharded against
+unsharded, with the size of each compiled program: the sharded program must
+not grow with the number of matrices. Prints tables and writes JSON (the
+compile figures under ``"compile"``).
 
   python benchmarks/sharded.py [--quick] [--out runs/bench/sharded.json]
 
@@ -39,6 +45,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 import re  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -54,6 +61,7 @@ from orthax.polar.newton_schulz import newton_schulz_flops  # noqa: E402
 from orthogonalize import SETS  # noqa: E402
 
 MODELS = {"gpt2_small": ("small", 12), "quick": ("quick", 3)}  # layer, layers
+EXPERTS = {"full": (16, 256, 1024, 2048, 4096), "quick": (16, 256)}
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter",
                "collective-permute")
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4,
@@ -142,7 +150,10 @@ def run(model: str) -> list[dict]:
   totals = {  # all the matrices' FLOPs, unsharded, by each method's count
       gram: sum(newton_schulz_flops(*x.shape, 5, gram=gram)
                 for x in tree.values()) for gram in ("auto", False)}
-  want = orthax.orthogonalize().update(tree, None)[0]
+  with jax.enable_x64(True):  # the same iteration in float64
+    want = orthax.orthogonalize().update(
+        {k: jnp.asarray(x, jnp.float64) for k, x in tree.items()}, None)[0]
+    want = {k: np.asarray(x) for k, x in want.items()}
   optax_abc = jnp.asarray(PRESETS["muon"].coeffs[0])
 
   def put(mesh):
@@ -175,14 +186,15 @@ def run(model: str) -> list[dict]:
       # for their FLOPs and collectives, not timed
       out = None if reference is None else compiled(args)
     err = None if reference is None else max(
-        float(jnp.max(jnp.abs(out[k] - reference[k]))) for k in tree)
+        float(np.max(np.abs(np.asarray(out[k], np.float64) - reference[k])))
+        for k in tree)
     costs = hlo_costs(compiled.as_text())
     coll = {op: costs[op] for op in COLLECTIVES}
     rows.append(dict(model=model, method=name,
                      flops_per_device=costs["flops"],
                      even_share=totals[count] / DEVICES,
                      collective_bytes=sum(coll.values()),
-                     collectives=coll, max_abs_err_vs_unsharded=err))
+                     collectives=coll, max_abs_err_vs_float64=err))
   base = rows[-1]["collective_bytes"]
   for r in rows:
     r["flops_vs_even_share"] = r["flops_per_device"] / r["even_share"]
@@ -192,17 +204,57 @@ def run(model: str) -> list[dict]:
 
 def print_table(rows) -> None:
   header = (f"{'method':11} {'GFLOP/device':>13} {'vs even share':>14} "
-            f"{'collective MB':>14} {'vs xla optax':>13} {'max err':>9}")
+            f"{'collective MB':>14} {'vs xla optax':>13} {'err f64':>9}")
   print(f"{rows[0]['model']}, {DEVICES} devices")
   print(header)
   print("-" * len(header))
   for r in rows:
-    err = ("-" if r["max_abs_err_vs_unsharded"] is None
-           else f"{r['max_abs_err_vs_unsharded']:.1e}")
+    err = ("-" if r["max_abs_err_vs_float64"] is None
+           else f"{r['max_abs_err_vs_float64']:.1e}")
     vs = "-" if r["bytes_vs_xla_optax"] is None else f"{r['bytes_vs_xla_optax']:.3f}"
     print(f"{r['method']:11} {r['flops_per_device'] / 1e9:13.2f} "
           f"{r['flops_vs_even_share']:14.3f} "
           f"{r['collective_bytes'] / 2**20:14.1f} {vs:>13} {err:>9}")
+
+
+def _compile(tx, arg) -> tuple[float, int]:
+  """Seconds to lower and compile ``tx.update`` under jit, and the compiled
+  program's HLO lines."""
+  start = time.perf_counter()
+  compiled = jax.jit(lambda t: tx.update(t, None)[0]).lower(arg).compile()
+  return time.perf_counter() - start, len(compiled.as_text().splitlines())
+
+
+def compile_scaling(experts) -> list[dict]:
+  """Compile time and program size of an ``(E, 32, 64)`` expert stack for
+  each ``E``: sharded along fan_in over the devices (the axis read from the
+  stack's ``Explicit`` sharding), and unsharded on one device."""
+  mesh = jax.make_mesh((DEVICES,), ("fsdp",))
+  dims = orthax.MuonDimensionNumbers(1, 2)
+  tx = orthax.orthogonalize(dimension_numbers=dims)
+  rows = []
+  for e in experts:
+    sharded = _compile(tx, jax.ShapeDtypeStruct(
+        (e, 32, 64), jnp.float32,
+        sharding=NamedSharding(mesh, P(None, "fsdp", None))))
+    unsharded = _compile(tx, jax.ShapeDtypeStruct((e, 32, 64), jnp.float32))
+    rows.append(dict(experts=e, sharded_s=sharded[0],
+                     unsharded_s=unsharded[0], sharded_vs_unsharded=
+                     sharded[0] / unsharded[0], sharded_hlo_lines=sharded[1],
+                     unsharded_hlo_lines=unsharded[1]))
+  return rows
+
+
+def print_compile_table(rows) -> None:
+  header = (f"{'experts':>8} {'sharded s':>10} {'unsharded s':>12} "
+            f"{'ratio':>6} {'sharded HLO':>12} {'unsharded HLO':>14}")
+  print(f"compile, (E, 32, 64) expert stack, {DEVICES} devices")
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    print(f"{r['experts']:8d} {r['sharded_s']:10.2f} {r['unsharded_s']:12.2f} "
+          f"{r['sharded_vs_unsharded']:6.2f} {r['sharded_hlo_lines']:12d} "
+          f"{r['unsharded_hlo_lines']:14d}")
 
 
 def main(argv=None) -> list[dict]:
@@ -217,7 +269,9 @@ def main(argv=None) -> list[dict]:
                      "(it sets XLA_FLAGS before JAX starts)")
   rows = run("quick" if args.quick else "gpt2_small")
   print_table(rows)
-  write_json(args.out, rows)
+  compile_rows = compile_scaling(EXPERTS["quick" if args.quick else "full"])
+  print_compile_table(compile_rows)
+  write_json(args.out, rows, compile=compile_rows)
   return rows
 
 

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from orthax._checks import check_hyperparameter, check_number
 from orthax.matrices import DimensionNumbersSpec, MatrixView, matrix_views
 from orthax.polar.coefficients import resolve_coefficients
 from orthax.polar.newton_schulz import newton_schulz
 from orthax.polar.reference import polar_svd
-from orthax.sharded import resolve_mesh, sharded_polar
+from orthax.sharded import replicated, resolve_mesh, sharded_polar
 
 __all__ = ["orthogonalize"]
 
@@ -88,7 +89,8 @@ def orthogonalize(
   are ``min(fan_in, fan_out)`` square; matrices of the same shape (a tall
   one joins its transpose's group) and dtype, across leaves and batch axes,
   run as one stacked batch, so a model's many same-shape layers cost one
-  call rather than one each. A zero matrix maps to zero (never NaN);
+  call rather than one each. A zero matrix maps to zero (never NaN, and
+  with a finite derivative), a leaf with a side of 0 to an empty update;
   NaN or Inf in the input gives NaN out: wrap the optimizer in
   :func:`optax.apply_if_finite` to skip such steps.
 
@@ -97,13 +99,17 @@ def orthogonalize(
       :data:`orthax.polar.PRESETS`), ``"svd"`` for the exact polar factor, one
       ``(a, b, c)`` triple used at every step, or an array of shape
       ``(steps, 3)``.
-    steps: number of Newton–Schulz steps; ``None`` keeps the preset's own
-      (5 for every built-in preset). See
-      :func:`orthax.polar.resolve_coefficients` for how a per-step table is
-      shortened or extended.
+    steps: number of Newton–Schulz steps, a positive integer (Python or
+      NumPy); ``None`` keeps the preset's own (5 for every built-in preset).
+      See :func:`orthax.polar.resolve_coefficients` for how a per-step table
+      is shortened or extended.
     preconditioning: how the input is scaled before the first step; only
-      ``"frobenius"`` (divide by ``margin * ||G||_F + eps``) for now.
-    eps: added to the norm so that a zero matrix stays finite.
+      ``"frobenius"`` (divide by ``margin * ||G||_F + eps * max|G|``) for
+      now.
+    eps: ``>= 0``, relative to the matrix's largest entry
+      (:func:`orthax.polar.frobenius_normalize`), so the result does not
+      depend on the gradient's scale: ``1e20 * G`` and ``1e-12 * G`` give the
+      update of ``G``. A zero matrix maps to zero whatever ``eps``.
     compute_dtype: dtype of the iteration (``jnp.bfloat16`` halves the cost on
       accelerators); ``None`` uses each leaf's dtype. Updates are returned in
       their input dtype.
@@ -122,19 +128,26 @@ def orthogonalize(
       same polynomial, iterated on the small Gram matrix and applied to the
       matrix once (with a restart in bf16). ``"auto"`` uses it where it takes
       fewer FLOPs (long side > 1.5 × short side); ``True`` everywhere,
-      ``False`` nowhere.
-    gram_restart: Gram steps before the restart that bounds rounding
-      (``None``: no restart; 0.6× instead of 0.7× of optax's time on a GPT-2
+      ``False`` nowhere (``np.bool_`` is accepted).
+    gram_restart: Gram steps before the restart that bounds rounding, a
+      positive integer (``None``: no restart; 0.6× instead of 0.7× of optax's time on a GPT-2
       layer, at a float32 error of 1.6e-3 instead of 3e-5; see
       :func:`orthax.polar.newton_schulz`).
     mesh: the device mesh the parameters are sharded over; ``None`` with a
-      ``mesh_axis`` uses the one set with ``jax.set_mesh`` (both ``None``:
-      unsharded, even under ``jax.set_mesh``). With a mesh, each device
-      orthogonalizes whole matrices for its share of them (see
-      :mod:`orthax.sharded`): one ``all_to_all`` gathers whole matrices, the
-      same iteration runs locally, and one ``all_to_all`` returns the results
-      in the leaves' own shardings. Leaves not sharded along a matrix axis
-      over ``mesh_axis`` are orthogonalized where they are.
+      ``mesh_axis`` uses the one set with ``jax.set_mesh``. Both ``None``:
+      the mesh axis that the leaves' own ``Explicit`` shardings use (the one
+      sharding matrix axes of the most elements; ``jax.make_mesh``'s default
+      axes are ``Explicit``), else unsharded, even under ``jax.set_mesh``.
+      With a mesh, each device orthogonalizes whole matrices for its share of
+      them (see :mod:`orthax.sharded`): one ``all_to_all`` gathers whole
+      matrices, the same iteration runs locally, and one ``all_to_all``
+      returns the results in the leaves' own shardings; other mesh axes
+      (e.g. tensor parallel) are gathered first. Leaves not sharded along a
+      matrix axis over ``mesh_axis`` are orthogonalized where they are. The
+      sharded path's program does not grow with the number of matrices
+      (``benchmarks/sharded.py`` measures its compile time). On the
+      unsharded path, leaves with ``Explicit`` shardings are gathered for
+      the iteration and returned in their shardings.
     mesh_axis: the mesh axis that shards the parameters (FSDP); may be
       omitted for a one-axis mesh. Under ``Explicit`` axes the leaves' layout
       is read from their types; under ``Auto`` axes it cannot be seen while
@@ -146,9 +159,13 @@ def orthogonalize(
 
   Raises:
     ValueError: unknown preset, backend or preconditioning, bad coefficient
-      shape; at update time, a leaf that is not a matrix under its dimension
-      numbers (the message names its key path and shape).
-    TypeError: a leaf with a non-float dtype.
+      shape, ``steps`` or ``gram_restart`` below 1, ``eps < 0``; at update
+      time, a leaf that is not a matrix under its dimension numbers (the
+      message names its key path and shape).
+    TypeError: ``steps`` or ``gram_restart`` not an integer, ``eps`` not a
+      real number; at update time, a leaf whose dtype is not float16,
+      bfloat16, float32 or float64, or dimension numbers whose axes are not
+      integers.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, orthax
@@ -173,12 +190,18 @@ def orthogonalize(
     raise ValueError(
         f"Unknown preconditioning {preconditioning!r}; expected one of "
         f"{_PRECONDITIONINGS}.")
-  if gram not in (True, False, "auto"):
-    raise ValueError(f"gram must be True, False or 'auto', got {gram!r}.")
-  if gram_restart is not None and (not isinstance(gram_restart, int)
-                                   or gram_restart < 1):
-    raise ValueError("gram_restart must be None or a positive integer, got "
-                     f"{gram_restart!r}.")
+  transform = "orthax.orthogonalize"
+  if not (gram == "auto" if isinstance(gram, str)
+          else isinstance(gram, (bool, np.bool_))):
+    raise ValueError(
+        f"{transform}: gram must be True, False or 'auto', got {gram!r}.")
+  gram = gram if isinstance(gram, str) else bool(gram)
+  if gram_restart is not None:
+    gram_restart = check_number(transform, "gram_restart", gram_restart,
+                                low=1, integer=True)
+  if steps is not None:
+    steps = check_number(transform, "steps", steps, low=1, integer=True)
+  eps = check_hyperparameter(transform, "eps", eps, low=0.0)
   if compute_dtype is not None and not jnp.issubdtype(
       jnp.dtype(compute_dtype), jnp.floating):
     raise TypeError(
@@ -216,9 +239,9 @@ def orthogonalize(
     del params
     views = matrix_views(updates, dimension_numbers, "orthax.orthogonalize")
     leaves, treedef = jax.tree.flatten(updates)
-    sharding = resolve_mesh(mesh, mesh_axis)
+    sharding = resolve_mesh(mesh, mesh_axis, views, leaves)
     if sharding is None:
-      out = _stacked(polar, views, leaves)
+      out = replicated(lambda x: _stacked(polar, views, x), leaves)
     else:
       out = sharded_polar(
           polar, lambda v, x: _stacked(polar, v, x), views, leaves,
