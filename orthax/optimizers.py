@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from orthax._checks import check_hyperparameter, check_same_shape
+from orthax._tree import map_with_path
 from orthax.labels import ADAMW, MATRIX, LabelSpec, resolve_labels
 from orthax.matrices import DimensionNumbersSpec
 from orthax.transforms.momentum import momentum
@@ -20,8 +24,10 @@ __all__ = ["muon", "normuon", "pion"]
 
 def _descent(matrix_tx: optax.GradientTransformation, *,
              learning_rate: optax.ScalarOrSchedule, weight_decay: float,
-             weight_decay_mask: Any) -> optax.GradientTransformation:
+             weight_decay_mask: Any, name: str) -> optax.GradientTransformation:
   """``matrix_tx`` followed by decoupled weight decay and the step size."""
+  weight_decay = check_hyperparameter(name, "weight_decay", weight_decay,
+                                      low=0.0)
   return optax.chain(
       matrix_tx,
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
@@ -29,28 +35,83 @@ def _descent(matrix_tx: optax.GradientTransformation, *,
   )
 
 
+def _check_shapes(inner: optax.GradientTransformation,
+                  name: str) -> optax.GradientTransformation:
+  """``inner``, whose update first raises, naming the leaf, where a
+  gradient's shape is not its parameter's (when the params are given)."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:
+      map_with_path(lambda path, g, p: check_same_shape(name, path, g, p),
+                    updates, params)
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def _float16_in_float32(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` on float32 copies of the float16 leaves, its state included.
+
+  Adam's moments underflow in float16: ``(1 - b2) g**2`` is below float16's
+  smallest subnormal (6e-8) for ``|g| < 8e-3`` and ``eps = 1e-8`` rounds to 0,
+  so the first step divides by zero. The updates of float16 gradients are
+  returned in float16.
+  """
+
+  def half(x):
+    return jnp.result_type(x) == jnp.float16
+
+  def widen(tree):
+    return jax.tree.map(
+        lambda x: jnp.asarray(x, jnp.float32) if half(x) else x, tree)
+
+  def init_fn(params):
+    return inner.init(widen(params))
+
+  def update_fn(updates, state, params=None):
+    out, state = inner.update(widen(updates), state,
+                              None if params is None else widen(params))
+    narrow = lambda u, g: u.astype(jnp.float16) if half(g) else u
+    return jax.tree.map(narrow, out, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _with_adamw(
-    matrices: optax.GradientTransformation, *,
+    matrices: optax.GradientTransformation, *, name: str,
     learning_rate: optax.ScalarOrSchedule,
     dimension_numbers: DimensionNumbersSpec,
     label_fn: LabelSpec, adam_learning_rate: optax.ScalarOrSchedule | None,
     adam_b1: float, adam_b2: float, adam_eps: float,
     adam_weight_decay: float, mu_dtype,
 ) -> optax.GradientTransformation:
-  """Routes hidden matrices to ``matrices`` and every other leaf to AdamW."""
+  """Routes hidden matrices to ``matrices`` and every other leaf to AdamW.
+
+  The update first checks that every gradient has its parameter's shape;
+  the AdamW moments of float16 leaves are kept in float32.
+  """
+  check = functools.partial(check_hyperparameter, name)
   adamw = optax.adamw(
       learning_rate if adam_learning_rate is None else adam_learning_rate,
-      b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay,
+      b1=check("adam_b1", adam_b1, low=0.0, high=1.0, high_open=True),
+      b2=check("adam_b2", adam_b2, low=0.0, high=1.0, high_open=True),
+      # eps = 0 would make a zero gradient 0 / 0
+      eps=check("adam_eps", adam_eps, low=0.0, low_open=True),
+      weight_decay=check("adam_weight_decay", adam_weight_decay, low=0.0),
       mu_dtype=mu_dtype)
-  return optax.partition({MATRIX: matrices, ADAMW: adamw},
-                         resolve_labels(label_fn, dimension_numbers))
+  return _check_shapes(optax.partition(
+      {MATRIX: matrices, ADAMW: _float16_in_float32(adamw)},
+      resolve_labels(label_fn, dimension_numbers)), name)
 
 
 _SHARED_ARGS_DOC = """
     beta: momentum decay (:func:`orthax.momentum`).
     nesterov: Nesterov momentum.
     mu_dtype: dtype of the momentum (and of AdamW's first moment, as in
-      ``optax.contrib.muon``); ``None`` follows the params.
+      ``optax.contrib.muon``); ``None`` follows the params, except that the
+      AdamW moments of float16 params are float32 (in float16 they underflow
+      and the first step divides by zero).
     coeffs: Newton–Schulz preset or coefficients (:func:`orthax.orthogonalize`);
       ``"muon"`` gives Jordan's original quintic.
     steps: Newton–Schulz steps; ``None`` keeps the preset's.
@@ -59,11 +120,13 @@ _SHARED_ARGS_DOC = """
     mesh, mesh_axis: sharded orthogonalization, each device whole matrices
       for its share of the FSDP-sharded parameters
       (:func:`orthax.orthogonalize`).
-    eps: Newton–Schulz normalization epsilon.
+    eps: Newton–Schulz normalization epsilon, ``>= 0``, relative to the
+      largest entry (:func:`orthax.polar.frobenius_normalize`): the update
+      does not depend on the gradient's scale.
     compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``).
     shape_scale: ``"muon"`` or ``"rms"`` (:func:`orthax.scale_by_shape`).
-    weight_decay: decoupled weight decay of the hidden matrices, multiplied by
-      the learning rate (optax's convention).
+    weight_decay: decoupled weight decay of the hidden matrices, ``>= 0``,
+      multiplied by the learning rate (optax's convention).
     weight_decay_mask: optax mask (tree or callable) restricting it.
     dimension_numbers: specs for ndim>2 leaves (:func:`orthax.orthogonalize`);
       a leaf with a spec is a hidden matrix under the default labels.
@@ -72,11 +135,34 @@ _SHARED_ARGS_DOC = """
       booleans).
     adam_learning_rate: AdamW's learning rate (float or schedule) for the
       other leaves; ``None`` uses ``learning_rate``, as optax's Muon does.
-    adam_b1, adam_b2, adam_eps: AdamW's moment decays and epsilon.
-    adam_weight_decay: AdamW's decoupled weight decay (0 by default: the
-      usual choice for embeddings, norms and biases)."""
+    adam_b1, adam_b2, adam_eps: AdamW's moment decays, in ``[0, 1)``, and
+      epsilon, ``> 0`` (with 0 a zero gradient would give ``0 / 0``).
+    adam_weight_decay: AdamW's decoupled weight decay, ``>= 0`` (0 by
+      default: the usual choice for embeddings, norms and biases)."""
+
+_RAISES_DOC = """
+  Raises:
+    ValueError: a hyperparameter out of its range (at construction); at
+      update time, a gradient whose shape is not its parameter's, a hidden
+      matrix that is not a matrix under its dimension numbers, or a state
+      that does not match this optimizer (e.g. restored from a checkpoint of
+      another configuration), each named by its key path.
+    TypeError: a leaf whose dtype is not float16, bfloat16, float32 or
+      float64, named by its key path; a hyperparameter of the wrong type.
+"""
 
 
+def _shared_docs(fn):
+  """Fills the ``{shared_args}`` and ``{raises}`` marks of ``fn``'s docstring.
+
+  (A docstring must be one literal: one built with ``+`` is no docstring.)
+  """
+  fn.__doc__ = fn.__doc__.replace("{shared_args}", _SHARED_ARGS_DOC).replace(
+      "{raises}", _RAISES_DOC)
+  return fn
+
+
+@_shared_docs
 def muon(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -113,12 +199,12 @@ def muon(
 
   Args:
     learning_rate: step size of the hidden matrices, a float or an optax
-      schedule (0.02 is the usual Muon value with ``shape_scale="muon"``).
-  """ + _SHARED_ARGS_DOC + """
+      schedule (0.02 is the usual Muon value with ``shape_scale="muon"``).{shared_args}
 
   Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-
+    An :class:`optax.GradientTransformation` whose state is an
+    ``optax.partition``'s.
+{raises}
   Example:
     >>> import jax.numpy as jnp, optax, orthax
     >>> params = {'embedding': jnp.zeros((100, 16)), 'w': jnp.zeros((16, 64)),
@@ -131,6 +217,7 @@ def muon(
     K. Jordan et al., Muon: An optimizer for hidden layers in neural networks,
     2024, https://kellerjordan.github.io/posts/muon/
   """
+  name = "orthax.muon"
   return _with_adamw(
       _descent(optax.chain(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
@@ -140,14 +227,15 @@ def muon(
                         dimension_numbers=dimension_numbers),
           scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
       ), learning_rate=learning_rate, weight_decay=weight_decay,
-          weight_decay_mask=weight_decay_mask),
-      learning_rate=learning_rate, dimension_numbers=dimension_numbers,
-      label_fn=label_fn,
+          weight_decay_mask=weight_decay_mask, name=name),
+      name=name, learning_rate=learning_rate,
+      dimension_numbers=dimension_numbers, label_fn=label_fn,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype)
 
 
+@_shared_docs
 def normuon(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -187,12 +275,12 @@ def normuon(
     beta2: decay of the per-neuron second moment
       (:func:`orthax.neuron_normalize`).
     neuron_eps: epsilon added to its square root.
-    neuron_axis: ``"output"``, ``"input"`` or ``"larger"``.
-  """ + _SHARED_ARGS_DOC + """
+    neuron_axis: ``"output"``, ``"input"`` or ``"larger"``.{shared_args}
 
   Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-
+    An :class:`optax.GradientTransformation` whose state is an
+    ``optax.partition``'s.
+{raises}
   Example:
     >>> import jax.numpy as jnp, orthax
     >>> params = {'w': jnp.zeros((16, 64)), 'b': jnp.zeros(64)}
@@ -203,6 +291,7 @@ def normuon(
     Z. Li et al., NorMuon: Making Muon more efficient and scalable, 2025,
     arXiv:2510.05491
   """
+  name = "orthax.normuon"
   return _with_adamw(
       _descent(optax.chain(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
@@ -214,9 +303,9 @@ def normuon(
                            dimension_numbers=dimension_numbers),
           scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
       ), learning_rate=learning_rate, weight_decay=weight_decay,
-          weight_decay_mask=weight_decay_mask),
-      learning_rate=learning_rate, dimension_numbers=dimension_numbers,
-      label_fn=label_fn,
+          weight_decay_mask=weight_decay_mask, name=name),
+      name=name, learning_rate=learning_rate,
+      dimension_numbers=dimension_numbers, label_fn=label_fn,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype)
@@ -229,10 +318,13 @@ def pion(
     b2: float = 0.999,
     eps: float = 1e-8,
     rms_scale: float = 0.2,
-    expm: str = "taylor2",
+    max_angle: float | None = 0.5,
+    expm: str = "cayley",
     sides: str = "both",
     moments_dtype=None,
     restore_every: int | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    mesh_axis: str | None = None,
     dimension_numbers: DimensionNumbersSpec = None,
     label_fn: LabelSpec = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -250,9 +342,19 @@ def pion(
 
   Args:
     learning_rate: Pion's step size (float or schedule); the first-order
-      update of each matrix has RMS ``learning_rate * rms_scale``.
-    b1, b2, eps, rms_scale, expm, sides, moments_dtype, restore_every: see
-      :func:`orthax.spectrum_preserving_rotate`.
+      update of each matrix has RMS ``learning_rate * rms_scale``, at most
+      ``max_angle * RMS(W)`` (a turn of ``W`` by ``max_angle`` radians).
+    b1, b2, eps, rms_scale, max_angle, expm, sides, moments_dtype,
+      restore_every: see :func:`orthax.spectrum_preserving_rotate`. The
+      default map, ``"cayley"``, keeps every singular value to rounding
+      (under 1e-6 relative to the largest after 2000 float32 steps, at any
+      weight scale); the paper's ``"taylor2"`` grows them by up to
+      about ``(lr * rms_scale / RMS(W))^4 / 8`` per step, 34% over 2000
+      steps at lr 0.02 for GPT-2's init std 0.02. Moments are float32 for
+      16-bit params.
+    mesh, mesh_axis: sharded rotation, each device whole matrices for its
+      share of the FSDP-sharded parameters, with one exchange each way
+      (:func:`orthax.spectrum_preserving_rotate`).
     dimension_numbers: specs for ndim>2 leaves.
     label_fn: override of the hidden-matrix rule (:mod:`orthax.labels`).
     adam_learning_rate: AdamW's learning rate; ``None`` uses
@@ -276,9 +378,12 @@ def pion(
   return _with_adamw(
       spectrum_preserving_rotate(
           learning_rate, b1=b1, b2=b2, eps=eps, rms_scale=rms_scale,
-          expm=expm, sides=sides, moments_dtype=moments_dtype,
-          restore_every=restore_every, dimension_numbers=dimension_numbers),
-      learning_rate=learning_rate, dimension_numbers=dimension_numbers,
+          max_angle=max_angle, expm=expm, sides=sides,
+          moments_dtype=moments_dtype,
+          restore_every=restore_every, dimension_numbers=dimension_numbers,
+          mesh=mesh, mesh_axis=mesh_axis),
+      name="orthax.pion", learning_rate=learning_rate,
+      dimension_numbers=dimension_numbers,
       label_fn=label_fn, adam_learning_rate=adam_learning_rate,
       adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
       adam_weight_decay=adam_weight_decay, mu_dtype=None)
