@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax._tree import map_with_path
+
 __all__ = ["check_flag", "check_hyperparameter", "check_number",
-           "check_same_shape", "check_state_leaf"]
+           "check_same_shape", "check_same_shapes", "check_state_leaf"]
 
 
 def check_number(transform: str, name: str, value: Any, *,
@@ -106,6 +108,14 @@ def check_same_shape(transform: str, path: str, grad: Any, param: Any, *,
         f"{tuple(jnp.shape(grad))} but its {names[1]} has shape "
         f"{tuple(jnp.shape(param))}; they must match (are the {names[0]}s of "
         "another model or of a different parameter tree?).")
+
+
+def check_same_shapes(transform: str, updates: Any, params: Any) -> None:
+  """:func:`check_same_shape` for every leaf of ``updates`` and ``params``
+  (nothing to check when ``params`` is ``None``)."""
+  if params is not None:
+    map_with_path(lambda path, g, p: check_same_shape(transform, path, g, p),
+                  updates, params)
 
 
 def check_hyperparameter(transform: str, name: str, value: Any,

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from orthax._checks import check_hyperparameter, check_same_shape
-from orthax._tree import map_with_path
+from orthax._checks import check_hyperparameter, check_same_shapes
 from orthax.labels import ADAMW, MATRIX, LabelSpec, resolve_labels
 from orthax.matrices import DimensionNumbersSpec
 from orthax.transforms.momentum import momentum
@@ -41,9 +40,7 @@ def _check_shapes(inner: optax.GradientTransformation,
   gradient's shape is not its parameter's (when the params are given)."""
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is not None:
-      map_with_path(lambda path, g, p: check_same_shape(name, path, g, p),
-                    updates, params)
+    check_same_shapes(name, updates, params)
     return inner.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)

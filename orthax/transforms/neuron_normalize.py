@@ -8,9 +8,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import optax
 
-from orthax._checks import (check_hyperparameter, check_same_shape,
+from orthax._checks import (check_hyperparameter, check_same_shapes,
                             check_state_leaf)
-from orthax._tree import map_with_path
 from orthax.matrices import DimensionNumbersSpec, MatrixView, map_matrices
 from orthax.polar.newton_schulz import divide_by_max_abs
 
@@ -158,9 +157,7 @@ def neuron_normalize(
   def update_fn(updates, state, params=None):
     # The state holds one entry per neuron, so it cannot tell another fan_in
     # (or, with axis="input", fan_out): the params can.
-    if params is not None:
-      map_with_path(lambda path, u, p: check_same_shape(transform, path, u, p),
-                    updates, params)
+    check_same_shapes(transform, updates, params)
     out, rms = map_matrices(update_leaf, updates, state.rms,
                             dimension_numbers=dimension_numbers,
                             transform=transform, num_outputs=2)
