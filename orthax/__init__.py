@@ -2,8 +2,9 @@
 
 from optax.contrib import MuonDimensionNumbers
 
-from orthax import labels, polar
+from orthax import polar, routing
 from orthax.optimizers import muon, normuon, pion
+from orthax.routing import Route, describe, route
 from orthax.transforms.momentum import MomentumState, momentum
 from orthax.transforms.neuron_normalize import NeuronNormalizeState, neuron_normalize
 from orthax.transforms.orthogonalize import orthogonalize
@@ -16,7 +17,7 @@ __all__ = [
     "MomentumState",
     "MuonDimensionNumbers",
     "NeuronNormalizeState",
-    "labels",
+    "describe",
     "momentum",
     "muon",
     "neuron_normalize",
@@ -25,6 +26,9 @@ __all__ = [
     "pion",
     "polar",
     "RotateState",
+    "Route",
+    "route",
+    "routing",
     "scale_by_shape",
     "spectrum_drift",
     "spectrum_preserving_rotate",

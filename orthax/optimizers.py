@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -10,12 +14,13 @@ import jax.numpy as jnp
 import optax
 
 from orthax._checks import check_hyperparameter, check_same_shapes
-from orthax.labels import ADAMW, MATRIX, LabelSpec, resolve_labels
-from orthax.matrices import DimensionNumbersSpec
+from orthax import routing as routing_lib
+from orthax.matrices import MatrixView, check_float
+from orthax.routing import ADAMW, MATRIX
 from orthax.transforms.momentum import momentum
 from orthax.transforms.neuron_normalize import neuron_normalize
 from orthax.transforms.orthogonalize import orthogonalize
-from orthax.transforms.rotate import spectrum_preserving_rotate
+from orthax.transforms.rotate import spectrum_preserving_rotate, state_entries
 from orthax.transforms.shape import scale_by_shape
 
 __all__ = ["muon", "normuon", "pion"]
@@ -32,18 +37,6 @@ def _descent(matrix_tx: optax.GradientTransformation, *,
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def _check_shapes(inner: optax.GradientTransformation,
-                  name: str) -> optax.GradientTransformation:
-  """``inner``, whose update first raises, naming the leaf, where a
-  gradient's shape is not its parameter's (when the params are given)."""
-
-  def update_fn(updates, state, params=None, **extra_args):
-    check_same_shapes(name, updates, params)
-    return inner.update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def _float16_in_float32(
@@ -75,31 +68,87 @@ def _float16_in_float32(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+# A matrix whose state is this many times its size is worth a warning: Pion
+# holds 2 (m^2 + n^2) entries for m n, 8.5 times at a 1:4 MLP, 131 times at
+# GPT-2's (768, 50257) head.
+_LARGE_STATE = 16
+
+
+def _report(name: str, routes, paths, shapes, state_entries) -> None:
+  """At init: a one-line summary in the ``orthax`` log, and warnings for
+  leaves no rule recognized and for matrices whose state dwarfs them."""
+  logging.getLogger("orthax").info("%s: %s", name,
+                                   routing_lib.summary(routes, shapes))
+  routing_lib.warn_unrecognized(name, routes, paths, shapes)
+  if state_entries is None:
+    return
+  large = []
+  for r, p, s in zip(routes, paths, shapes):
+    if r.kind == MATRIX and math.prod(s):
+      ratio = state_entries(r.view(p, s)) / math.prod(s)
+      if ratio > _LARGE_STATE:
+        large.append(f"{p} {s} ({ratio:.0f}x)")
+  if large:
+    warnings.warn(
+        f"{name}: the optimizer state of {len(large)} matrices is more than "
+        f"{_LARGE_STATE} times their size: {', '.join(large)}. If one is an "
+        "embedding or an output head, route it to AdamW (overrides=).",
+        stacklevel=3)
+
+
 def _with_adamw(
-    matrices: optax.GradientTransformation, *, name: str,
-    learning_rate: optax.ScalarOrSchedule,
-    dimension_numbers: DimensionNumbersSpec,
-    label_fn: LabelSpec, adam_learning_rate: optax.ScalarOrSchedule | None,
+    make_matrices: Callable[[Any], optax.GradientTransformation], *,
+    name: str, learning_rate: optax.ScalarOrSchedule,
+    model: Any, routing: routing_lib.RoutingSpec,
+    overrides: Mapping[str, Any] | None,
+    adam_learning_rate: optax.ScalarOrSchedule | None,
     adam_b1: float, adam_b2: float, adam_eps: float,
     adam_weight_decay: float, mu_dtype,
-) -> optax.GradientTransformation:
-  """Routes hidden matrices to ``matrices`` and every other leaf to AdamW.
+    state_entries: Callable[[MatrixView], int] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Routes hidden matrices to ``make_matrices(dimension_numbers)`` and every
+  other leaf to AdamW, by :func:`orthax.route` on the params.
 
-  The update first checks that every gradient has its parameter's shape;
-  the AdamW moments of float16 leaves are kept in float32.
+  The routes are decided from the params given to ``init`` and ``update``
+  (from the updates when ``update`` gets no params), so that Flax metadata on
+  the params counts. The update first checks that every gradient has its
+  parameter's shape; the AdamW moments of float16 leaves are kept in float32.
   """
   check = functools.partial(check_hyperparameter, name)
-  adamw = optax.adamw(
+  adamw = _float16_in_float32(optax.adamw(
       learning_rate if adam_learning_rate is None else adam_learning_rate,
       b1=check("adam_b1", adam_b1, low=0.0, high=1.0, high_open=True),
       b2=check("adam_b2", adam_b2, low=0.0, high=1.0, high_open=True),
       # eps = 0 would make a zero gradient 0 / 0
       eps=check("adam_eps", adam_eps, low=0.0, low_open=True),
       weight_decay=check("adam_weight_decay", adam_weight_decay, low=0.0),
-      mu_dtype=mu_dtype)
-  return _check_shapes(optax.partition(
-      {MATRIX: matrices, ADAMW: _float16_in_float32(adamw)},
-      resolve_labels(label_fn, dimension_numbers)), name)
+      mu_dtype=mu_dtype))
+  make_matrices(None)   # checks the matrix transforms' arguments now
+
+  def routed(tree):
+    routes, paths, shapes, treedef = routing_lib.routes_flat(
+        tree, model=model, routing=routing, overrides=overrides,
+        transform=name)
+    inner = optax.partition(
+        {MATRIX: make_matrices(treedef.unflatten(
+            [r.dimension_numbers for r in routes])),
+         ADAMW: adamw},
+        treedef.unflatten([r.kind for r in routes]))
+    return inner, (routes, paths, shapes)
+
+  def init_fn(params):
+    inner, info = routed(params)
+    _report(name, *info, state_entries)
+    return inner.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    check_same_shapes(name, updates, params)
+    for kp, g in jax.tree_util.tree_leaves_with_path(updates):
+      check_float(jax.tree_util.keystr(kp), g, name)
+    inner, _ = routed(updates if params is None else params)
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 _SHARED_ARGS_DOC = """
@@ -125,17 +174,25 @@ _SHARED_ARGS_DOC = """
     weight_decay: decoupled weight decay of the hidden matrices, ``>= 0``,
       multiplied by the learning rate (optax's convention).
     weight_decay_mask: optax mask (tree or callable) restricting it.
-    dimension_numbers: specs for ndim>2 leaves (:func:`orthax.orthogonalize`);
-      a leaf with a spec is a hidden matrix under the default labels.
-    label_fn: override of the default hidden-matrix rule (:mod:`orthax.labels`):
-      a callable on the params or a tree of ``"matrix"``/``"adamw"`` (or
-      booleans).
+{routing_args}
     adam_learning_rate: AdamW's learning rate (float or schedule) for the
       other leaves; ``None`` uses ``learning_rate``, as optax's Muon does.
     adam_b1, adam_b2, adam_eps: AdamW's moment decays, in ``[0, 1)``, and
       epsilon, ``> 0`` (with 0 a zero gradient would give ``0 / 0``).
     adam_weight_decay: AdamW's decoupled weight decay, ``>= 0`` (0 by
       default: the usual choice for embeddings, norms and biases)."""
+
+_ROUTING_ARGS_DOC = """    model: the Flax NNX module that owns the params, if you have one: its
+      modules' declared features decide the matrices' axes
+      (:func:`orthax.route`). Not needed for linen or plain trees.
+    routing: which leaves are matrices and their axes, where the rules
+      (:mod:`orthax.routing`) should not decide: a tree (a prefix of the
+      params) of ``"auto"``/``"matrix"``/``"adamw"``/``MuonDimensionNumbers``,
+      or a callable returning one; ``None`` lets the rules decide every leaf.
+      An ``optax.contrib.muon`` spec, where ``None`` means AdamW, goes
+      through :func:`orthax.routing.from_optax`. See :func:`orthax.describe`.
+    overrides: ``{path pattern: route}`` on top of the rules and
+      ``routing``, e.g. ``{'*/lm_head/*': 'adamw'}``."""
 
 _RAISES_DOC = """
   Raises:
@@ -154,8 +211,9 @@ def _shared_docs(fn):
 
   (A docstring must be one literal: one built with ``+`` is no docstring.)
   """
-  fn.__doc__ = fn.__doc__.replace("{shared_args}", _SHARED_ARGS_DOC).replace(
-      "{raises}", _RAISES_DOC)
+  fn.__doc__ = (fn.__doc__.replace("{shared_args}", _SHARED_ARGS_DOC)
+                .replace("{routing_args}", _ROUTING_ARGS_DOC)
+                .replace("{raises}", _RAISES_DOC))
   return fn
 
 
@@ -176,8 +234,9 @@ def muon(
     shape_scale: str = "muon",
     weight_decay: float = 0.01,
     weight_decay_mask: Any = None,
-    dimension_numbers: DimensionNumbersSpec = None,
-    label_fn: LabelSpec = None,
+    model: Any = None,
+    routing: routing_lib.RoutingSpec = None,
+    overrides: Mapping[str, Any] | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.999,
@@ -186,13 +245,15 @@ def muon(
 ) -> optax.GradientTransformation:
   """Muon: orthogonalized momentum for hidden matrices, AdamW for the rest.
 
-  Hidden matrices (see :mod:`orthax.labels`) get
-  ``momentum -> orthogonalize -> scale_by_shape -> add_decayed_weights ->
-  scale_by_learning_rate``; every other leaf gets :func:`optax.adamw`. Unlike
-  ``optax.contrib.muon``, the momentum has no bias correction (as in
-  Jordan's reference code), embeddings and heads are routed to AdamW by key
-  path, and leaves with more than two axes are matrices only when given
-  dimension numbers.
+  Hidden matrices get ``momentum -> orthogonalize -> scale_by_shape ->
+  add_decayed_weights -> scale_by_learning_rate``; every other leaf gets
+  :func:`optax.adamw`. Which leaves are hidden matrices, and their batch,
+  reduction and output axes, :func:`orthax.route` decides from the params
+  (Flax metadata, structure, names: embeddings, heads, norms and biases go
+  to AdamW; scanned layers and experts are stacks of matrices; conv kernels
+  are ``(kh kw in, out)`` matrices); :func:`orthax.describe` shows it.
+  Unlike ``optax.contrib.muon``, the momentum has no bias correction (as in
+  Jordan's reference code).
 
   Args:
     learning_rate: step size of the hidden matrices, a float or an optax
@@ -216,17 +277,17 @@ def muon(
   """
   name = "orthax.muon"
   return _with_adamw(
-      _descent(optax.chain(
+      lambda dims: _descent(optax.chain(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
           orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
                         compute_dtype=compute_dtype, gram=gram,
                         mesh=mesh, mesh_axis=mesh_axis,
-                        dimension_numbers=dimension_numbers),
-          scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
+                        dimension_numbers=dims),
+          scale_by_shape(shape_scale, dimension_numbers=dims),
       ), learning_rate=learning_rate, weight_decay=weight_decay,
           weight_decay_mask=weight_decay_mask, name=name),
-      name=name, learning_rate=learning_rate,
-      dimension_numbers=dimension_numbers, label_fn=label_fn,
+      name=name, learning_rate=learning_rate, model=model, routing=routing,
+      overrides=overrides,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype)
@@ -252,8 +313,9 @@ def normuon(
     shape_scale: str = "muon",
     weight_decay: float = 0.01,
     weight_decay_mask: Any = None,
-    dimension_numbers: DimensionNumbersSpec = None,
-    label_fn: LabelSpec = None,
+    model: Any = None,
+    routing: routing_lib.RoutingSpec = None,
+    overrides: Mapping[str, Any] | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.999,
@@ -290,24 +352,25 @@ def normuon(
   """
   name = "orthax.normuon"
   return _with_adamw(
-      _descent(optax.chain(
+      lambda dims: _descent(optax.chain(
           momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
           orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
                         compute_dtype=compute_dtype, gram=gram,
                         mesh=mesh, mesh_axis=mesh_axis,
-                        dimension_numbers=dimension_numbers),
+                        dimension_numbers=dims),
           neuron_normalize(beta2, neuron_eps, axis=neuron_axis,
-                           dimension_numbers=dimension_numbers),
-          scale_by_shape(shape_scale, dimension_numbers=dimension_numbers),
+                           dimension_numbers=dims),
+          scale_by_shape(shape_scale, dimension_numbers=dims),
       ), learning_rate=learning_rate, weight_decay=weight_decay,
           weight_decay_mask=weight_decay_mask, name=name),
-      name=name, learning_rate=learning_rate,
-      dimension_numbers=dimension_numbers, label_fn=label_fn,
+      name=name, learning_rate=learning_rate, model=model, routing=routing,
+      overrides=overrides,
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
       adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
       mu_dtype=mu_dtype)
 
 
+@_shared_docs
 def pion(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -322,8 +385,9 @@ def pion(
     restore_every: int | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     mesh_axis: str | None = None,
-    dimension_numbers: DimensionNumbersSpec = None,
-    label_fn: LabelSpec = None,
+    model: Any = None,
+    routing: routing_lib.RoutingSpec = None,
+    overrides: Mapping[str, Any] | None = None,
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.999,
@@ -332,7 +396,7 @@ def pion(
 ) -> optax.GradientTransformation:
   """Pion: spectrum-preserving rotations for hidden matrices, AdamW for the rest.
 
-  Hidden matrices (the same labels as :func:`orthax.muon`) are updated by
+  Hidden matrices (routed as by :func:`orthax.muon`) are updated by
   :func:`orthax.spectrum_preserving_rotate` (no weight decay: it would change
   the spectrum that Pion keeps); every other leaf by :func:`optax.adamw`.
   ``update`` needs the params.
@@ -352,8 +416,7 @@ def pion(
     mesh, mesh_axis: sharded rotation, each device whole matrices for its
       share of the FSDP-sharded parameters, with one exchange each way
       (:func:`orthax.spectrum_preserving_rotate`).
-    dimension_numbers: specs for ndim>2 leaves.
-    label_fn: override of the hidden-matrix rule (:mod:`orthax.labels`).
+{routing_args}
     adam_learning_rate: AdamW's learning rate; ``None`` uses
       ``learning_rate``.
     adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW's settings.
@@ -373,14 +436,16 @@ def pion(
     based on orthogonal equivalence transformation, 2026, arXiv:2605.12492
   """
   return _with_adamw(
-      spectrum_preserving_rotate(
+      lambda dims: spectrum_preserving_rotate(
           learning_rate, b1=b1, b2=b2, eps=eps, rms_scale=rms_scale,
           max_angle=max_angle, expm=expm, sides=sides,
           moments_dtype=moments_dtype,
-          restore_every=restore_every, dimension_numbers=dimension_numbers,
+          restore_every=restore_every, dimension_numbers=dims,
           mesh=mesh, mesh_axis=mesh_axis),
-      name="orthax.pion", learning_rate=learning_rate,
-      dimension_numbers=dimension_numbers,
-      label_fn=label_fn, adam_learning_rate=adam_learning_rate,
+      name="orthax.pion", learning_rate=learning_rate, model=model,
+      routing=routing, overrides=overrides,
+      state_entries=functools.partial(state_entries, sides=sides,
+                                      restore_every=restore_every),
+      adam_learning_rate=adam_learning_rate,
       adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
       adam_weight_decay=adam_weight_decay, mu_dtype=None)

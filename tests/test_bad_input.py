@@ -82,8 +82,8 @@ def test_dimension_number_tree_mismatch(dn, path):
 
 
 def test_dimension_number_tree_mismatch_in_muon():
-  tx = orthax.muon(0.1, dimension_numbers={"layer": None})
-  with pytest.raises(ValueError, match="does not match the updates"):
+  tx = orthax.muon(0.1, routing={"layer": "auto"})
+  with pytest.raises(ValueError, match="does not match the params"):
     tx.init(_PARAMS)
 
 
@@ -144,17 +144,16 @@ def test_integer_leaves_are_named():
 def test_bad_labels_in_muon():
   labels = {"layer": {"w": "matrix", "b": "adam"}, "conv": "adamw"}
   with pytest.raises(ValueError, match=_names("['layer']['b']", (6,)) + "(?=.*'adam')"):
-    orthax.muon(0.1, label_fn=labels).init(_PARAMS)
-  with pytest.raises(ValueError, match=r"one label per leaf.*\['b', 'w'\]"):
-    orthax.muon(0.1, label_fn=lambda p: {"layer": {"w": "matrix"}, "conv": "adamw"}
+    orthax.muon(0.1, routing=labels).init(_PARAMS)
+  with pytest.raises(ValueError, match=r"(?s)does not match the params.*tree\['layer'\].*b w"):
+    orthax.muon(0.1, routing=lambda p: {"layer": {"w": "matrix"}, "conv": "adamw"}
                 ).init(_PARAMS)
-  # A 1-D leaf labelled as a matrix fails where it is first used as one.
+  # A 1-D leaf routed to the matrices fails at init, named, with the way out.
   as_matrix = {"layer": {"w": True, "b": True}, "conv": False}
-  tx = orthax.muon(0.1, label_fn=as_matrix)
-  with pytest.raises(ValueError, match=_names("['layer']['b']", (6,))):
-    tx.update(_PARAMS, tx.init(_PARAMS), _PARAMS)
-  with pytest.raises(ValueError, match=_names("['layer']['b']", (6,))):
-    orthax.normuon(0.1, label_fn=as_matrix).init(_PARAMS)
+  for make in (orthax.muon, orthax.normuon):
+    with pytest.raises(ValueError, match=_names("['layer']['b']", (6,))
+                       + ".*MuonDimensionNumbers"):
+      make(0.1, routing=as_matrix).init(_PARAMS)
 
 
 def _first_update(tx, params, grads):
@@ -177,9 +176,9 @@ def test_numpy_integer_axes_are_accepted(make, dn):
 
 def test_numpy_integer_axes_in_muon():
   params = {"w": _normal(0, (3, 4, 5)), "b": _normal(1, (5,))}
-  dn = {"w": MDN(np.int64(1), np.int64(2)), "b": None}
-  got = _first_update(orthax.muon(0.1, dimension_numbers=dn), params, params)[0]
-  want = _first_update(orthax.muon(0.1, dimension_numbers={"w": MDN(1, 2), "b": None}),
+  dn = {"w": MDN(np.int64(1), np.int64(2)), "b": "adamw"}
+  got = _first_update(orthax.muon(0.1, routing=dn), params, params)[0]
+  want = _first_update(orthax.muon(0.1, routing={"w": MDN(1, 2), "b": "adamw"}),
                        params, params)[0]
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
@@ -342,7 +341,7 @@ def test_numpy_scalars_are_accepted(numpy_made, python_made, shapes):
 @pytest.mark.parametrize("make", [orthax.muon, orthax.normuon])
 def test_restored_state_of_other_labels_is_named(make, tmp_path):
   """A checkpoint of an optimizer that sent the embedding to AdamW, restored
-  into one whose label_fn makes it a matrix: orbax fills the missing
+  into one whose routing makes it a matrix: orbax fills the missing
   momentum (and NorMuon statistic) with None, and the first update names
   the leaf instead of failing on None."""
   ocp = pytest.importorskip("orbax.checkpoint")
@@ -350,7 +349,7 @@ def test_restored_state_of_other_labels_is_named(make, tmp_path):
             "bias": _normal(2, (16,))}
   grads = jax.tree.map(lambda x: 0.5 * x, params)
   old = make(0.02)
-  moved = make(0.02, label_fn=lambda p: {"embedding": "matrix",
+  moved = make(0.02, routing=lambda p: {"embedding": "matrix",
                                          "hidden": "matrix", "bias": "adamw"})
   _, state = _first_update(old, params, grads)
   with ocp.StandardCheckpointer() as ckptr:

@@ -32,6 +32,12 @@ def _params(bias):
   return params, dn
 
 
+def _routing(dn):
+  """The ready optimizers' routing for ``dn``: its ``None`` (2-D, for the
+  matrix transforms) left to the rules."""
+  return {k: "auto" if v is None else v for k, v in dn.items()}
+
+
 def _matrix(make):
   """A matrix transform on matrices and a 3-D leaf with dimension numbers."""
   return lambda: (make(_params(False)[1]), False)
@@ -60,12 +66,12 @@ CASES = {
     "scale_by_shape": _matrix(
         lambda dn: orthax.scale_by_shape(dimension_numbers=dn)),
     **_ROTATE,
-    "muon": _optimizer(lambda dn: orthax.muon(0.02, dimension_numbers=dn)),
+    "muon": _optimizer(lambda dn: orthax.muon(0.02, routing=_routing(dn))),
     "normuon": _optimizer(
-        lambda dn: orthax.normuon(0.02, dimension_numbers=dn)),
-    "pion": _optimizer(lambda dn: orthax.pion(0.02, dimension_numbers=dn)),
+        lambda dn: orthax.normuon(0.02, routing=_routing(dn))),
+    "pion": _optimizer(lambda dn: orthax.pion(0.02, routing=_routing(dn))),
     "pion-restore": _optimizer(
-        lambda dn: orthax.pion(0.02, restore_every=2, dimension_numbers=dn)),
+        lambda dn: orthax.pion(0.02, restore_every=2, routing=_routing(dn))),
 }
 
 

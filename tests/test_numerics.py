@@ -275,6 +275,10 @@ def _DIMS(tree):  # pylint: disable=invalid-name
   return jax.tree.map(lambda x: MDN(1, 2) if x.ndim == 3 else None, tree)
 
 
+def _ROUTING(tree):  # pylint: disable=invalid-name
+  return jax.tree.map(lambda x: MDN(1, 2) if x.ndim == 3 else "auto", tree)
+
+
 _EMPTY_TXS = {
     "momentum": lambda: orthax.momentum(),
     **{f"orthogonalize-{n}": (lambda kw=kw: orthax.orthogonalize(
@@ -287,8 +291,8 @@ _EMPTY_TXS = {
        for a in ("output", "input", "larger")},
     **{f"scale_by_shape-{m}": (lambda m=m: orthax.scale_by_shape(
         m, dimension_numbers=_DIMS)) for m in ("muon", "rms")},
-    "muon": lambda: orthax.muon(0.1, dimension_numbers=_DIMS),
-    "normuon": lambda: orthax.normuon(0.1, dimension_numbers=_DIMS),
+    "muon": lambda: orthax.muon(0.1, routing=_ROUTING),
+    "normuon": lambda: orthax.normuon(0.1, routing=_ROUTING),
 }
 
 

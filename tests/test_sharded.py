@@ -488,12 +488,12 @@ else:
                  "w3": ((128, 32), P("fsdp", None)),
                  "experts": ((3, 32, 64), P(None, "fsdp", None)),
                  "moe": ((8, 16, 32), P("fsdp", None, None))}
-  PION_DIMS = {"w1": None, "w2": None, "w3": None, "experts": DIMS(1, 2),
+  PION_DIMS = {"w1": "auto", "w2": "auto", "w3": "auto", "experts": DIMS(1, 2),
                "moe": DIMS(1, 2)}
 
   def _pion(params, grads, **kw):
     """The params after each step of orthax.pion, and the compiled step."""
-    tx = orthax.pion(LR, eps=PION_EPS, dimension_numbers=PION_DIMS, **kw)
+    tx = orthax.pion(LR, eps=PION_EPS, routing=PION_DIMS, **kw)
     state, history = tx.init(params), [params]
     step = jax.jit(tx.update)
     for g in grads:

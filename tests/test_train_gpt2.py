@@ -187,9 +187,10 @@ def test_only_hidden_matrices_are_labelled_matrix(config_file, tie):
   config = train_gpt2.load_config(ROOT / "configs" / config_file)
   config.model.tie_embeddings = tie
   params = _abstract_params(config.model)
-  labels = orthax.labels.default_labels(params)
-  got = {jax.tree_util.keystr(kp): label for kp, label in
-         jax.tree_util.tree_leaves_with_path(labels)}
+  routes = orthax.route(params)
+  got = {jax.tree_util.keystr(kp) + ".value": r.kind for kp, r in
+         jax.tree_util.tree_leaves_with_path(
+             routes, is_leaf=lambda x: isinstance(x, orthax.Route))}
   hidden = {f"['h'][{i}]['{module}']['{name}']['kernel'].value"
             for i in range(config.model.num_layers)
             for module, names in (("attn", ("query", "key", "value", "proj")),

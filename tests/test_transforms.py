@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import orthax
-from orthax.labels import ADAMW, MATRIX, default_labels
+from orthax.routing import ADAMW, MATRIX
 
 DIMS = orthax.MuonDimensionNumbers
 
@@ -111,31 +111,6 @@ def test_neuron_normalize_stacked_state_shape():
     orthax.neuron_normalize(axis="rows")
 
 
-def test_default_labels():
-  params = {
-      "wte": jnp.zeros((50, 8)), "tok_embedding": jnp.zeros((50, 8)),
-      "lm_head": jnp.zeros((8, 50)), "cls_head": jnp.zeros((8, 3)),
-      "block": {"attn": {"kernel": jnp.zeros((8, 24)), "bias": jnp.zeros(24)},
-                "ln": {"scale": jnp.zeros(8)},
-                "experts": jnp.zeros((4, 8, 16))},
-      "temperature": jnp.zeros(()),
-      "patch_embedder": {"mlp": {"kernel": jnp.zeros((8, 8))},
-                         "proj": {"embedding": jnp.zeros((8, 8))}},
-  }
-  labels = default_labels(params)
-  assert labels["wte"] == labels["tok_embedding"] == ADAMW
-  assert labels["lm_head"] == labels["cls_head"] == ADAMW
-  assert labels["block"]["attn"]["kernel"] == MATRIX
-  assert labels["block"]["attn"]["bias"] == labels["block"]["ln"]["scale"] == ADAMW
-  assert labels["block"]["experts"] == ADAMW   # ndim 3 without dimension numbers
-  assert labels["temperature"] == ADAMW
-  # only the leaf's own name and its owner's count
-  assert labels["patch_embedder"]["mlp"]["kernel"] == MATRIX
-  assert labels["patch_embedder"]["proj"]["embedding"] == ADAMW
-  dims = jax.tree.map(lambda x: DIMS(1, 2) if x.ndim == 3 else None, params)
-  assert default_labels(params, dims)["block"]["experts"] == MATRIX
-
-
 def test_optimizer_routes_leaves():
   """Matrices get the Muon chain, the rest exactly optax.adamw."""
   params = {"embedding": _rand(0, (30, 8)), "w": _rand(1, (8, 16)),
@@ -155,14 +130,14 @@ def test_optimizer_routes_leaves():
 
 
 @pytest.mark.parametrize("style", ["callable", "tree", "bool", "numpy_bool"])
-def test_label_override(style):
+def test_routing_override(style):
   params = {"embedding": _rand(0, (30, 8)), "w": _rand(1, (8, 16))}
   tree = {"embedding": MATRIX, "w": ADAMW}
-  label_fn = {"callable": lambda p: tree, "tree": tree,
+  routing = {"callable": lambda p: tree, "tree": tree,
               "bool": {"embedding": True, "w": False},
               "numpy_bool": {"embedding": np.bool_(True),
                              "w": np.bool_(False)}}[style]
-  opt = orthax.muon(0.02, label_fn=label_fn, weight_decay=0.0)
+  opt = orthax.muon(0.02, routing=routing, weight_decay=0.0)
   u, _ = opt.update(params, opt.init(params), params)
   # the embedding was orthogonalized: its singular values are all ~equal
   s = np.linalg.svd(np.asarray(u["embedding"]), compute_uv=False)

@@ -204,6 +204,13 @@ def _state_shapes(view: MatrixView, sides: str, restore_every: int | None):
   return left, left, right, right, spectrum
 
 
+def state_entries(view: MatrixView, *, sides: str = "both",
+                  restore_every: int | None = None) -> int:
+  """How many entries a leaf's state holds (its moments, its spectrum)."""
+  return sum(math.prod(s) for s in _state_shapes(view, sides, restore_every)
+             if s is not None)
+
+
 def _part_views(view: MatrixView, parts) -> tuple:
   """How the sharded exchange sees a leaf's parts (W, g, the moments, the
   spectrum) as matrices: W and g through ``view``; a moment ``(batch, k,
