@@ -6,8 +6,7 @@ leaf with more axes needs dimension numbers that say which axes are reduced
 (fan_in) and which are output (fan_out); every other axis is a batch axis.
 
 Dimension numbers use optax's own class, :class:`optax.contrib.MuonDimensionNumbers`
-(re-exported as ``orthax.MuonDimensionNumbers``), so specs written for
-``optax.contrib.muon`` work unchanged. A spec may be given as
+(re-exported as ``orthax.MuonDimensionNumbers``). A spec may be given as
 
 * ``None``: every leaf must be 2-D;
 * one ``MuonDimensionNumbers``: the same spec for every leaf;
@@ -15,6 +14,14 @@ Dimension numbers use optax's own class, :class:`optax.contrib.MuonDimensionNumb
   ``None`` (meaning "2-D default") at its leaves;
 * a callable that takes the updates (or params: only shapes matter) and
   returns such a tree.
+
+These transforms see only matrices, so a ``None`` leaf means "2-D" here,
+where in ``optax.contrib.muon``'s ``muon_weight_dimension_numbers`` it means
+"not a matrix, AdamW". An optax spec tree routed through ``optax.partition``
+(which hands these transforms only the matrices) works here unchanged; for
+the ready optimizers convert it with :func:`orthax.routing.from_optax`.
+``orthax.routing.dimension_numbers(orthax.route(params))`` builds a spec
+valid in both places.
 
 This module is the one place that resolves specs, validates leaves and
 reshapes them, and its errors name the leaf by its key path.
@@ -230,10 +237,21 @@ def matrix_views(tree: Any, dimension_numbers: DimensionNumbersSpec,
     One :class:`MatrixView` per leaf, in ``jax.tree.leaves`` order.
   """
   specs = iter(resolve_dimension_numbers(dimension_numbers, tree))
+  single = isinstance(dimension_numbers, MuonDimensionNumbers)
 
   def view(path, leaf):
     check_float(path, leaf, transform)
-    return _view(path, leaf, next(specs), transform)
+    try:
+      return _view(path, leaf, next(specs), transform)
+    except ValueError as e:
+      if not single:
+        raise
+      raise ValueError(
+          f"{e} The one MuonDimensionNumbers given is applied to every "
+          "leaf; give one per leaf instead: a tree (a prefix of the "
+          "updates), a callable on the updates, or "
+          "orthax.routing.dimension_numbers(orthax.route(params)), which "
+          "finds every leaf's axes.") from None
 
   return jax.tree.leaves(map_with_path(view, tree),
                          is_leaf=lambda x: isinstance(x, MatrixView))

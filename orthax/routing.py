@@ -164,6 +164,7 @@ class _Leaf:
   logical: tuple[Any, ...] | None   # axis names from the box, if any
   module: Any               # the NNX module that owns the leaf, if known
   stacked: int = 0          # leading axes found to be layer/expert stacks
+  stacks: tuple[str, ...] = ()   # what they are, for the rule's words
 
   @property
   def name(self) -> str:
@@ -176,6 +177,14 @@ class _Leaf:
   @property
   def core(self) -> tuple[int, ...]:
     return self.shape[self.stacked:]
+
+  @property
+  def note(self) -> str:
+    return f" (stacked: {', '.join(self.stacks)})" if self.stacked else ""
+
+  def stack(self, what: str) -> None:
+    self.stacked += 1
+    self.stacks += (what,)
 
 
 def _key_name(k) -> str:
@@ -414,7 +423,7 @@ def _find_stacks(leaves: list[_Leaf]) -> None:
     if not any(_is_vector_name(m) and len(m.shape) == 2 for m in members):
       continue
     for m in members:
-      m.stacked = 1
+      m.stack("layers")
 
 
 def _expert_stack(leaf: _Leaf) -> bool:
@@ -483,7 +492,7 @@ def _model_facts(leaves: list[_Leaf], sibs) -> _Model:
 def _structure_route(leaf: _Leaf, sibs, model: _Model) -> Route | None:
   ndim, s = len(leaf.shape), leaf.stacked
   core = leaf.core
-  stacked = " (stacked)" if s else ""
+  stacked = leaf.note
   if len(core) < 2:
     return _adamw(f"vector{stacked}")
   if _is_vector_name(leaf):
@@ -543,7 +552,8 @@ def _head_route(leaf: _Leaf, route: Route, sibs, model: _Model,
                      for axes in (route.reduction_axes, route.output_axes))
   # a size feeds another matrix when some other matrix has an axis of it
   fed = lambda n: model.sizes[n] > leaf.core.count(n)
-  vocab = {fan_in, fan_out} & model.vocab
+  vocab = [n for n in (fan_in, fan_out)
+           if n in model.vocab and n != model.width]
   if vocab and model.width in (fan_in, fan_out) and not any(map(fed, vocab)):
     return _adamw("shape: projection to the vocabulary (embedding rows)")
   if leaf.path[:-1] in numbered_last and not fed(fan_out):
@@ -586,7 +596,7 @@ def _auto_routes(leaves: list[_Leaf]) -> list[Route]:
   _find_stacks(leaves)
   for leaf in leaves:
     if leaf.module is None and leaf.logical is None and _expert_stack(leaf):
-      leaf.stacked += 1
+      leaf.stack("experts")
   sibs = _siblings(leaves)
   model = _model_facts(leaves, sibs)
   numbered_last = _numbered_last(leaves)
@@ -600,8 +610,6 @@ def _auto_routes(leaves: list[_Leaf]) -> list[Route]:
           "roles; routed to AdamW (give it with routing= or overrides=)"))
       continue
     if route.kind == MATRIX:
-      if leaf.stacked and _expert_stack(leaf) and "expert" not in route.rule:
-        route = dataclasses.replace(route, rule=route.rule + ", expert stack")
       route = _head_route(leaf, route, sibs, model, numbered_last) or route
     routes.append(route)
   return routes
@@ -742,8 +750,16 @@ def routes_flat(tree, *, model=None, routing: RoutingSpec = None,
   auto = _auto_routes(leaves)
   values = _apply_overrides(overrides, paths, keys, shapes,
                             _routing_values(routing, tree, keys, shapes))
-  routes = [a if v == AUTO else _explicit(v, s, k, a)
-            for v, s, k, a in zip(values, shapes, keys, auto)]
+  try:
+    routes = [a if v == AUTO else _explicit(v, s, k, a)
+              for v, s, k, a in zip(values, shapes, keys, auto)]
+  except ValueError as e:
+    if not isinstance(routing, MuonDimensionNumbers):
+      raise
+    raise ValueError(
+        f"{e} routing= applies the one MuonDimensionNumbers given to every "
+        "leaf: give a tree of routes instead, or leave routing=None and fix "
+        "single leaves with overrides=.") from None
   return routes, paths, shapes, treedef
 
 
