@@ -33,8 +33,9 @@ The model is GPT-2 in Flax NNX: learned token and position embeddings
 MLP, a final LayerNorm, and a head tied to ``wte`` or a separate ``lm_head``.
 ``orthax.muon``, ``orthax.normuon`` and ``orthax.pion`` give the hidden
 matrices (attention and MLP kernels) their orthogonalized or rotated updates
-and route ``wte``, ``wpe``, ``lm_head``, the norms and the biases to AdamW by
-key name (:mod:`orthax.labels`).
+and route ``wte``, ``wpe``, ``lm_head``, the norms and the biases to AdamW:
+:func:`orthax.route` decides from the model's own NNX modules (passed as
+``model=``), and the run logs the table :func:`orthax.describe` prints.
 
 Data (``config.data``): ``train_files``/``val_files`` globs of llm.c /
 modded-nanogpt ``.bin`` token shards, read through ``np.memmap``; with no
@@ -517,8 +518,9 @@ class GPT(nnx.Module):
   """GPT-2: embeddings, pre-LN blocks, final LayerNorm, tied or separate head.
 
   Attribute names follow GPT-2's checkpoints (``wte``, ``wpe``, ``h``,
-  ``ln_f``; ``lm_head`` when untied), which orthax's default labels route to
-  AdamW; every other 2-D kernel is a ``(fan_in, fan_out)`` hidden matrix.
+  ``ln_f``; ``lm_head`` when untied). :func:`orthax.route` sends the
+  embeddings (``nnx.Embed``), the norms, the biases and ``lm_head`` to AdamW
+  and makes every other kernel a ``(fan_in, fan_out)`` hidden matrix.
   The embedding tables have ``padded_vocab_size`` rows (a multiple of 128
   runs faster); the logits are cut back to ``vocab_size`` so padded ids never
   take probability. Embeddings start at GPT-2's N(0, 0.02²), hidden kernels
@@ -614,7 +616,8 @@ def make_schedule(peak: float, hparams: ml_collections.ConfigDict,
 
 
 def make_optimizer(name: str, config: ml_collections.ConfigDict,
-                   mesh: Mesh) -> optax.GradientTransformation:
+                   mesh: Mesh, model: nnx.Module | None = None,
+                   ) -> optax.GradientTransformation:
   """The optimizer ``name`` with the hyper-parameters of ``config.optimizer``.
 
   ``config.optimizer.<name>`` holds each method's settings (the configs cite
@@ -628,6 +631,9 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict,
     name: one of :data:`OPTIMIZERS`.
     config: the run's config (``optimizer`` and ``steps`` are read).
     mesh: the device mesh the parameters are sharded over.
+    model: the GPT (an abstract one from ``nnx.eval_shape`` is enough) whose
+      NNX modules tell orthax each leaf's route; ``None`` leaves it to the
+      tree's structure and names (the same routes for this model).
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -643,22 +649,25 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict,
                      weight_decay=hp.weight_decay,
                      mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
   else:
-    adam = dict(adam_learning_rate=make_schedule(hp.adam_learning_rate, hp,
-                                                 config.steps),
-                adam_b1=hp.adam_b1, adam_b2=hp.adam_b2, adam_eps=hp.adam_eps,
-                adam_weight_decay=hp.adam_weight_decay)
+    # model: its NNX modules decide each leaf's route (orthax.route)
+    common = dict(model=model,
+                  adam_learning_rate=make_schedule(hp.adam_learning_rate, hp,
+                                                   config.steps),
+                  adam_b1=hp.adam_b1, adam_b2=hp.adam_b2,
+                  adam_eps=hp.adam_eps,
+                  adam_weight_decay=hp.adam_weight_decay)
     # Each device orthogonalizes whole matrices for its share of the
     # FSDP-sharded ones (two all_to_alls per step, orthax.sharded); with an
     # fsdp axis of size 1 this is the plain unsharded path.
     sharded = dict(mesh=mesh, mesh_axis="fsdp")
     if name == "muon":
       tx = orthax.muon(lr, beta=hp.momentum, weight_decay=hp.weight_decay,
-                       **sharded, **adam)
+                       **sharded, **common)
     elif name == "normuon":
       tx = orthax.normuon(lr, beta=hp.momentum, beta2=hp.beta2,
-                          weight_decay=hp.weight_decay, **sharded, **adam)
+                          weight_decay=hp.weight_decay, **sharded, **common)
     else:
-      tx = orthax.pion(lr, b1=hp.b1, b2=hp.b2, **adam)
+      tx = orthax.pion(lr, b1=hp.b1, b2=hp.b2, **common)
   if hp.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(hp.grad_clip), tx)
   return tx
@@ -1000,9 +1009,12 @@ def train(config: ml_collections.ConfigDict, name: str,
     multihost_utils.sync_global_devices(f"train_gpt2: {name} starts")
 
   mesh = make_mesh(config.mesh.data) if mesh is None else mesh
-  tx = make_optimizer(name, config, mesh)
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: GPT(config.model, rngs=nnx.Rngs(0))))
+  abstract = nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(0)))
+  tx = make_optimizer(name, config, mesh, model=abstract)
+  graphdef, _ = nnx.split(abstract)
+  if name != "adamw":
+    logging.info("%s routes the GPT's leaves so:\n%s", name, orthax.describe(
+        abstract, print_fn=None))
 
   def init():
     params = nnx.state(GPT(config.model, rngs=nnx.Rngs(config.seed)),

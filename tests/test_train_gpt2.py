@@ -175,30 +175,37 @@ def test_stdlib_corpus_holds_out_every_tenth_file(corpus):
 # ---------------------------------------------------------------------------
 
 
+def _abstract_model(model_config):
+  return nnx.eval_shape(lambda: train_gpt2.GPT(model_config, rngs=nnx.Rngs(0)))
+
+
 def _abstract_params(model_config):
-  model = nnx.eval_shape(lambda: train_gpt2.GPT(model_config,
-                                                rngs=nnx.Rngs(0)))
-  return nnx.state(model, nnx.Param)
+  return nnx.state(_abstract_model(model_config), nnx.Param)
 
 
 @pytest.mark.parametrize("config_file, tie", [
     ("tiny.py", False), ("tiny.py", True), ("gpt2_small.py", True)])
-def test_only_hidden_matrices_are_labelled_matrix(config_file, tie):
+def test_only_hidden_matrices_are_routed_as_matrices(config_file, tie):
+  """The example keeps its routing: every attention and MLP kernel a
+  (fan_in, fan_out) matrix, the rest AdamW; the same from the model's NNX
+  modules (as the example passes it) and from the state alone."""
   config = train_gpt2.load_config(ROOT / "configs" / config_file)
   config.model.tie_embeddings = tie
-  params = _abstract_params(config.model)
-  routes = orthax.route(params)
-  got = {jax.tree_util.keystr(kp) + ".value": r.kind for kp, r in
-         jax.tree_util.tree_leaves_with_path(
-             routes, is_leaf=lambda x: isinstance(x, orthax.Route))}
-  hidden = {f"['h'][{i}]['{module}']['{name}']['kernel'].value"
+  model = _abstract_model(config.model)
+  params = nnx.state(model, nnx.Param)
+  with_model = orthax.routing.by_path(orthax.route(params, model=model))
+  alone = orthax.routing.by_path(orthax.route(params))
+  hidden = {f"h/{i}/{module}/{name}/kernel"
             for i in range(config.model.num_layers)
             for module, names in (("attn", ("query", "key", "value", "proj")),
                                   ("mlp", ("fc", "proj")))
             for name in names}
-  assert {k for k, v in got.items() if v == "matrix"} == hidden
-  assert ("['lm_head']['kernel'].value" in got) == (not tie)
-  assert got["['wte']['embedding'].value"] == "adamw"
+  for got in (with_model, alone):
+    assert {k for k, r in got.items() if r.kind == "matrix"} == hidden
+    assert all((r.batch_axes, r.reduction_axes, r.output_axes)
+               == ((), (0,), (1,)) for k, r in got.items() if k in hidden)
+    assert ("lm_head/kernel" in got) == (not tie)
+    assert got["wte/embedding"].kind == "adamw"
 
 
 @pytest.mark.parametrize("config_file, parameters", [
