@@ -234,6 +234,9 @@ def _unbox(x) -> tuple[Any, tuple[Any, ...] | None]:
     x = x.get_value() if hasattr(x, "get_value") else x.value
   elif hasattr(x, "names") and hasattr(x, "value"):   # linen Partitioned
     names, x = tuple(x.names), x.value
+  if names is not None and not any(
+      isinstance(n, str) and n in _KNOWN_AXES for n in names):
+    names = None   # mesh axis names ("fsdp", "tensor"), not roles
   return x, names
 
 
@@ -368,9 +371,7 @@ def _logical_route(leaf: _Leaf) -> Route | None:
   names = leaf.logical
   if names is None or len(names) != len(leaf.shape):
     return None
-  flat = [n if isinstance(n, str) or n is None else None for n in names]
-  if not any(n in _KNOWN_AXES for n in flat):
-    return None   # mesh axis names (nn.Partitioned), not logical roles
+  flat = [n if isinstance(n, str) else None for n in names]
   where = f"logical axes {tuple(names)}"
   if any(n in _VOCAB_AXES for n in flat):
     return _adamw(f"{where}: embedding or head (vocab)")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import flax.linen as nn
 from flax import nnx
 from optax.transforms import _masking
 
@@ -238,3 +239,37 @@ def test_describe_lists_every_leaf():
   row = next(l for l in lines if l.startswith("blocks/w"))
   assert "3 x 8x16" in row and " 1.41 " in row and "stacked: layers" in row
   assert lines[-1] == "1 matrix (384 parameters), 1 AdamW (24); 0 unrecognized"
+
+
+class _Named(nnx.Module):
+  """Params that carry only their logical axis names (no module rule)."""
+
+  def __init__(self):
+    p = lambda shape, names: nnx.Param(jnp.zeros(shape), out_sharding=names)
+    self.wi = p((8, 3, 16), ("embed", "layers", "mlp"))
+    self.q = p((8, 3, 2, 4), ("embed", "layers", "heads", "kv"))
+    self.out = p((2, 3, 4, 8), ("heads", "layers", "kv", "embed"))
+    self.norm = p((8, 3), ("norm", "layers"))
+    self.unembed = p((8, 50), ("embed", "vocab"))
+
+
+def test_nnx_sharding_names_decide_without_the_model():
+  with nnx.use_eager_sharding(False):
+    state = nnx.state(_Named(), nnx.Param)
+  t = _table(state)
+  assert _axes(t["wi"]) == ("matrix", (1,), (0,), (2,))
+  assert _axes(t["q"]) == ("matrix", (1,), (0,), (2, 3))
+  assert _axes(t["out"]) == ("matrix", (1,), (0, 2), (3,))
+  assert t["norm"].kind == t["unembed"].kind == "adamw"
+  assert all(t[k].rule.startswith("logical axes") for k in t)
+
+
+def test_mesh_axis_names_are_not_roles():
+  """nn.with_partitioning's mesh axes say nothing of roles: the scanned
+  stack is still found from the structure."""
+  box = lambda x, names: nn.Partitioned(x, names)
+  params = {"blocks": {"w": box(z((3, 8, 16)), (None, "fsdp", None)),
+                       "ln": {"scale": box(z((3, 8)), (None, None))}}}
+  t = _table(params)
+  assert _axes(t["blocks/w"]) == ("matrix", (0,), (1,), (2,))
+  assert "stacked: layers" in t["blocks/w"].rule
