@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import re
 import warnings
@@ -165,6 +166,7 @@ class _Leaf:
   module: Any               # the NNX module that owns the leaf, if known
   stacked: int = 0          # leading axes found to be layer/expert stacks
   stacks: tuple[str, ...] = ()   # what they are, for the rule's words
+  known: bool = False       # decided by its module or its logical names
 
   @property
   def name(self) -> str:
@@ -206,6 +208,7 @@ def path_of(kp) -> str:
   return "/".join(_names(kp))
 
 
+@functools.cache
 def _box_types() -> tuple[type, ...]:
   """Flax's metadata boxes (linen ``Partitioned``, NNX ``Variable``)."""
   types = []
@@ -220,6 +223,10 @@ def _box_types() -> tuple[type, ...]:
   except ImportError:
     pass
   return tuple(types)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, _box_types())
 
 
 def _unbox(x) -> tuple[Any, tuple[Any, ...] | None]:
@@ -242,9 +249,7 @@ def _unbox(x) -> tuple[Any, tuple[Any, ...] | None]:
 
 def _flatten(tree) -> tuple[list, Any]:
   """Leaves (Flax boxes kept whole) with their paths, and the treedef."""
-  boxes = _box_types()
-  return jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, boxes) if boxes else False)
+  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
 
 
 # --------------------------------------------------------------------------
@@ -415,9 +420,8 @@ def _find_stacks(leaves: list[_Leaf]) -> None:
       groups.setdefault(leaf.path[:depth], []).append(i)
   for prefix in sorted(groups, key=len):
     members = [leaves[i] for i in groups[prefix]]
-    if len(members) < 2 or any(
-        m.stacked or len(m.shape) < 2 or m.module is not None
-        or m.logical is not None for m in members):
+    if len(members) < 2 or any(m.stacked or m.known or len(m.shape) < 2
+                                for m in members):
       continue
     if len({m.shape[0] for m in members}) != 1:
       continue
@@ -582,29 +586,31 @@ def _numbered_last(leaves: list[_Leaf]) -> set[tuple[str, ...]]:
 # Putting it together.
 
 
+def _leading(axes: tuple[int, ...]) -> int:
+  """How many of ``axes`` are the leading axes ``0, 1, ...``."""
+  n = 0
+  while n in axes:
+    n += 1
+  return n
+
+
 def _auto_routes(leaves: list[_Leaf]) -> list[Route]:
-  for leaf in leaves:
-    if leaf.logical is None and leaf.module is None:
-      continue
-    # stacked axes that the metadata names are batch axes; count leading ones
-    if leaf.logical is not None:
-      lead = 0
-      for n in leaf.logical:
-        if n not in _STACK_AXES:
-          break
-        lead += 1
-      leaf.stacked = lead
+  # what the model says first: modules, then logical names
+  known = [_module_route(leaf) or _logical_route(leaf) for leaf in leaves]
+  for leaf, route in zip(leaves, known):
+    if route is not None:
+      leaf.known = True
+      leaf.stacked = _leading(route.batch_axes)
   _find_stacks(leaves)
   for leaf in leaves:
-    if leaf.module is None and leaf.logical is None and _expert_stack(leaf):
+    if not leaf.known and _expert_stack(leaf):
       leaf.stack("experts")
   sibs = _siblings(leaves)
   model = _model_facts(leaves, sibs)
   numbered_last = _numbered_last(leaves)
   routes = []
-  for leaf in leaves:
-    route = (_module_route(leaf) or _logical_route(leaf)
-             or _structure_route(leaf, sibs, model))
+  for leaf, route in zip(leaves, known):
+    route = route or _structure_route(leaf, sibs, model)
     if route is None:
       routes.append(_adamw(
           f"unrecognized: {len(leaf.core)} core axes and no rule gives their "
@@ -858,8 +864,7 @@ def from_optax(spec: Any) -> RoutingSpec:
   if spec is None:
     return lambda params: jax.tree.map(
         lambda x: MuonDimensionNumbers(0, 1) if jnp.ndim(_unbox(x)[0]) == 2
-        else ADAMW, params,
-        is_leaf=lambda x: isinstance(x, _box_types()) if _box_types() else False)
+        else ADAMW, params, is_leaf=_is_box)
   if isinstance(spec, MuonDimensionNumbers):
     return spec
   if callable(spec):

@@ -273,3 +273,27 @@ def test_mesh_axis_names_are_not_roles():
   t = _table(params)
   assert _axes(t["blocks/w"]) == ("matrix", (0,), (1,), (2,))
   assert "stacked: layers" in t["blocks/w"].rule
+
+
+class _MoE(nnx.Module):
+  """A custom module: no module rule, so its structure decides."""
+
+  def __init__(self, rngs):
+    self.router = nnx.Linear(8, 4, use_bias=False, rngs=rngs)
+    self.w_in = nnx.Param(jnp.zeros((4, 8, 16)))
+    self.w_out = nnx.Param(jnp.zeros((4, 16, 8)))
+
+
+class _MoEModel(nnx.Module):
+
+  def __init__(self, rngs):
+    self.moe = _MoE(rngs)
+    self.norm = nnx.LayerNorm(8, rngs=rngs)
+
+
+def test_custom_module_params_fall_back_to_structure():
+  model = _MoEModel(nnx.Rngs(0))
+  for t in (_table(model), _table(nnx.state(model, nnx.Param))):
+    assert _axes(t["moe/w_in"]) == ("matrix", (0,), (1,), (2,))
+    assert _axes(t["moe/w_out"]) == ("matrix", (0,), (1,), (2,))
+    assert _axes(t["moe/router/kernel"]) == ("matrix", (), (0,), (1,))
