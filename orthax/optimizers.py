@@ -109,9 +109,9 @@ def _with_adamw(
   """Routes hidden matrices to ``make_matrices(dimension_numbers)`` and every
   other leaf to AdamW, by :func:`orthax.route` on the params.
 
-  The routes are decided from the params given to ``init`` and ``update``
-  (from the updates when ``update`` gets no params), so that Flax metadata on
-  the params counts. The update first checks that every gradient has its
+  The routes are decided from the params given to ``init``; ``update`` keeps
+  them for the same leaves (paths and shapes) and decides afresh only for a
+  tree ``init`` never saw (from the updates when it gets no params). The update first checks that every gradient has its
   parameter's shape; the AdamW moments of float16 leaves are kept in float32.
   """
   check = functools.partial(check_hyperparameter, name)
@@ -125,10 +125,21 @@ def _with_adamw(
       mu_dtype=mu_dtype))
   make_matrices(None)   # checks the matrix transforms' arguments now
 
-  def routed(tree):
+  # The routes each init decided, by the leaves' paths and shapes: update
+  # reuses them, so that what init saw (Flax boxes, logical axis names) still
+  # counts when update is given plain arrays (MaxText-style: boxed params at
+  # init, unboxed in the train step).
+  decided: dict[tuple, list[routing_lib.Route]] = {}
+
+  def routed(tree, *, at_init: bool):
     routes, paths, shapes, treedef = routing_lib.routes_flat(
         tree, model=model, routing=routing, overrides=overrides,
         transform=name)
+    key = (tuple(paths), tuple(shapes))
+    if at_init:
+      decided[key] = routes
+    else:
+      routes = decided.get(key, routes)
     inner = optax.partition(
         {MATRIX: make_matrices(treedef.unflatten(
             [r.dimension_numbers for r in routes])),
@@ -137,7 +148,7 @@ def _with_adamw(
     return inner, (routes, paths, shapes)
 
   def init_fn(params):
-    inner, info = routed(params)
+    inner, info = routed(params, at_init=True)
     _report(name, *info, state_entries)
     return inner.init(params)
 
@@ -145,7 +156,7 @@ def _with_adamw(
     check_same_shapes(name, updates, params)
     for kp, g in jax.tree_util.tree_leaves_with_path(updates):
       check_float(jax.tree_util.keystr(kp), g, name)
-    inner, _ = routed(updates if params is None else params)
+    inner, _ = routed(updates if params is None else params, at_init=False)
     return inner.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

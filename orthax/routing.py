@@ -103,8 +103,9 @@ AUTO = "auto"
 RoutingSpec = Any
 """A routing: ``None`` (every leaf decided by the rules), a tree that is a
 prefix of the params whose leaves are ``"auto"``, ``"matrix"``, ``"adamw"``,
-``True``/``False`` (``True`` meaning matrix) or a ``MuonDimensionNumbers``
-(a matrix with those reduction and output axes, the others batch axes), or a
+``True``/``False`` (``True`` meaning matrix), a ``MuonDimensionNumbers``
+(a matrix with those reduction and output axes, the others batch axes) or a
+:class:`Route` (what :func:`route` returns, to pin its decisions), or a
 callable that takes the params and returns such a tree. ``"matrix"`` keeps
 the axes the rules find (2-D: ``(0, 1)``)."""
 
@@ -164,7 +165,7 @@ class _Leaf:
   shape: tuple[int, ...]
   logical: tuple[Any, ...] | None   # axis names from the box, if any
   module: Any               # the NNX module that owns the leaf, if known
-  stacked: int = 0          # leading axes found to be layer/expert stacks
+  stack_axes: tuple[int, ...] = ()   # axes found to be layer/expert stacks
   stacks: tuple[str, ...] = ()   # what they are, for the rule's words
   known: bool = False       # decided by its module or its logical names
 
@@ -177,15 +178,21 @@ class _Leaf:
     return self.path[-2].lower() if len(self.path) > 1 else ""
 
   @property
+  def core_axes(self) -> tuple[int, ...]:
+    """The axes that are not stack axes."""
+    return tuple(a for a in range(len(self.shape))
+                 if a not in self.stack_axes)
+
+  @property
   def core(self) -> tuple[int, ...]:
-    return self.shape[self.stacked:]
+    return tuple(self.shape[a] for a in self.core_axes)
 
   @property
   def note(self) -> str:
-    return f" (stacked: {', '.join(self.stacks)})" if self.stacked else ""
+    return f" (stacked: {', '.join(self.stacks)})" if self.stacks else ""
 
-  def stack(self, what: str) -> None:
-    self.stacked += 1
+  def stack(self, what: str, axis: int) -> None:
+    self.stack_axes += (axis,)
     self.stacks += (what,)
 
 
@@ -281,6 +288,7 @@ _HEAD_AXES = frozenset({"heads", "q_heads", "kv_heads", "kv", "kv_head_dim",
 _VOCAB_AXES = frozenset({"vocab"})
 _KNOWN_AXES = (_STACK_AXES | _EMBED_AXES | _HEAD_AXES | _VOCAB_AXES
                | frozenset({"mlp", "q_lora", "kv_lora", "norm", "mlp_no_fsdp",
+                            "mlp_moe",
                             "conv", "conv_in", "conv_out"}))
 
 
@@ -406,29 +414,36 @@ def _logical_route(leaf: _Leaf) -> Route | None:
 
 
 def _find_stacks(leaves: list[_Leaf]) -> None:
-  """Marks the leading axis of scanned subtrees as stacked (``nn.scan``).
+  """Marks the layer axis of scanned subtrees as a stack axis (``nn.scan``).
 
-  A subtree is a stack when all its leaves (two or more) share their leading
-  size and one of them is a bias or a norm scale with two axes: unstacked
-  biases and scales have one (a DenseGeneral bias ``(heads, head_dim)`` does
-  not share its kernel's leading size). The largest such subtree counts, so
-  that a whole scanned block is found at once.
+  A subtree is a stack when all its leaves (two or more) share their size at
+  one position, 0 (``nn.scan``'s default) or 1 (MaxText's
+  ``param_scan_axis``), and one of them is a bias or a norm scale with two
+  axes: unstacked biases and scales have one (a DenseGeneral bias ``(heads,
+  head_dim)`` does not share its kernel's leading size). Where both
+  positions qualify, a size equal to the model width is no layer axis, and
+  then position 0 wins. The largest such subtree counts, so that a whole
+  scanned block is found at once.
   """
+  widths = Counter(_width_evidence(leaves))
+  width = widths.most_common(1)[0][0] if widths else None
   groups: dict[tuple[str, ...], list[int]] = {}
   for i, leaf in enumerate(leaves):
     for depth in range(len(leaf.path) - 1):
       groups.setdefault(leaf.path[:depth], []).append(i)
   for prefix in sorted(groups, key=len):
     members = [leaves[i] for i in groups[prefix]]
-    if len(members) < 2 or any(m.stacked or m.known or len(m.shape) < 2
+    if len(members) < 2 or any(m.stack_axes or m.known or len(m.shape) < 2
                                 for m in members):
-      continue
-    if len({m.shape[0] for m in members}) != 1:
       continue
     if not any(_is_vector_name(m) and len(m.shape) == 2 for m in members):
       continue
-    for m in members:
-      m.stack("layers")
+    shared = [p for p in (0, 1) if len({m.shape[p] for m in members}) == 1]
+    if len(shared) > 1:
+      shared = [p for p in shared if members[0].shape[p] != width] or shared
+    if shared:
+      for m in members:
+        m.stack("layers", shared[0])
 
 
 def _expert_stack(leaf: _Leaf) -> bool:
@@ -446,7 +461,7 @@ def _siblings(leaves: list[_Leaf]) -> dict[tuple[str, ...], dict[str, _Leaf]]:
 def _bias_side(kernel: _Leaf, bias: _Leaf | None) -> str | None:
   """``"last"`` or ``"first"``: which end of the kernel's core axes its
   sibling bias matches (``None`` if neither or both)."""
-  if bias is None or bias.stacked != kernel.stacked:
+  if bias is None or len(bias.stack_axes) != len(kernel.stack_axes):
     return None
   k, b = kernel.core, bias.core
   if not b or len(b) >= len(k):
@@ -468,17 +483,21 @@ class _Model:
   out_in: bool
 
 
+def _embedding_tables(leaves: list[_Leaf]) -> list[_Leaf]:
+  return [leaf for leaf in leaves if len(leaf.core) == 2 and (
+      _is_embedding_name(leaf.name) or _is_embedding_name(leaf.owner))]
+
+
+def _width_evidence(leaves: list[_Leaf]) -> list[int]:
+  """Sizes that say the model width: norm scales, embedding features."""
+  return ([leaf.core[0] for leaf in leaves
+           if len(leaf.core) == 1 and leaf.name == "scale"]
+          + [leaf.core[1] for leaf in _embedding_tables(leaves)])
+
+
 def _model_facts(leaves: list[_Leaf], sibs) -> _Model:
-  widths = Counter()
-  vocab = set()
-  for leaf in leaves:
-    core = leaf.core
-    if len(core) == 1 and _is_vector_name(leaf) and leaf.name == "scale":
-      widths[core[0]] += 1
-    if len(core) == 2 and (_is_embedding_name(leaf.name)
-                           or _is_embedding_name(leaf.owner)):
-      vocab.add(core[0])
-      widths[core[1]] += 1
+  widths = Counter(_width_evidence(leaves))
+  vocab = {leaf.core[0] for leaf in _embedding_tables(leaves)}
   votes = Counter()
   sizes = Counter()
   for leaf in leaves:
@@ -495,7 +514,7 @@ def _model_facts(leaves: list[_Leaf], sibs) -> _Model:
 
 
 def _structure_route(leaf: _Leaf, sibs, model: _Model) -> Route | None:
-  ndim, s = len(leaf.shape), leaf.stacked
+  ndim = len(leaf.shape)
   core = leaf.core
   stacked = leaf.note
   if len(core) < 2:
@@ -504,7 +523,7 @@ def _structure_route(leaf: _Leaf, sibs, model: _Model) -> Route | None:
     return _adamw(f"name: {leaf.name} of {leaf.owner!r}" if leaf.owner
                   else f"name: {leaf.name}")
   c = len(core)
-  axes = lambda *idx: tuple(s + i for i in idx)
+  axes = lambda *idx: tuple(leaf.core_axes[i] for i in idx)
   side = _bias_side(leaf, sibs[leaf.path[:-1]].get("bias"))
   if side:
     nb = len(sibs[leaf.path[:-1]]["bias"].core)
@@ -586,25 +605,21 @@ def _numbered_last(leaves: list[_Leaf]) -> set[tuple[str, ...]]:
 # Putting it together.
 
 
-def _leading(axes: tuple[int, ...]) -> int:
-  """How many of ``axes`` are the leading axes ``0, 1, ...``."""
-  n = 0
-  while n in axes:
-    n += 1
-  return n
-
-
 def _auto_routes(leaves: list[_Leaf]) -> list[Route]:
   # what the model says first: modules, then logical names
   known = [_module_route(leaf) or _logical_route(leaf) for leaf in leaves]
   for leaf, route in zip(leaves, known):
     if route is not None:
       leaf.known = True
-      leaf.stacked = _leading(route.batch_axes)
+      leaf.stack_axes = route.batch_axes
+    elif leaf.logical is not None:   # names too few for a route: their stacks
+      for i, n in enumerate(leaf.logical):
+        if n in _STACK_AXES:
+          leaf.stack(n, i)
   _find_stacks(leaves)
   for leaf in leaves:
     if not leaf.known and _expert_stack(leaf):
-      leaf.stack("experts")
+      leaf.stack("experts", leaf.core_axes[0])
   sibs = _siblings(leaves)
   model = _model_facts(leaves, sibs)
   numbered_last = _numbered_last(leaves)
@@ -645,7 +660,8 @@ def _user_value(path: str, shape, value, where: str) -> Any:
   """Checks one value of a routing tree or of overrides."""
   if isinstance(value, (bool, np.bool_)):
     return MATRIX if value else ADAMW
-  if isinstance(value, MuonDimensionNumbers) or value in (MATRIX, ADAMW, AUTO):
+  if isinstance(value, (Route, MuonDimensionNumbers)) or value in (
+      MATRIX, ADAMW, AUTO):
     return value
   if value is None:
     raise ValueError(
@@ -661,7 +677,8 @@ def _user_value(path: str, shape, value, where: str) -> Any:
 
 
 def _is_routing_leaf(x) -> bool:
-  return (x is None or isinstance(x, (str, bool, np.bool_, MuonDimensionNumbers)))
+  return x is None or isinstance(
+      x, (str, bool, np.bool_, MuonDimensionNumbers, Route))
 
 
 class _Box:
@@ -716,6 +733,12 @@ def _apply_overrides(overrides, paths, keys, shapes, values) -> list[Any]:
 
 def _explicit(value, shape, path, auto: Route) -> Route:
   ndim = len(shape)
+  if isinstance(value, Route):   # e.g. orthax.route(params) of another call
+    axes = value.batch_axes + value.reduction_axes + value.output_axes
+    if value.kind == MATRIX and sorted(axes) != list(range(ndim)):
+      raise ValueError(f"routing: leaf {path} (shape {shape}) has a route "
+                       f"for a leaf of other axes: {value}.")
+    return value
   if value == ADAMW:
     return _adamw("your routing: adamw")
   if value == MATRIX:

@@ -297,3 +297,26 @@ def test_custom_module_params_fall_back_to_structure():
     assert _axes(t["moe/w_in"]) == ("matrix", (0,), (1,), (2,))
     assert _axes(t["moe/w_out"]) == ("matrix", (0,), (1,), (2,))
     assert _axes(t["moe/router/kernel"]) == ("matrix", (), (0,), (1,))
+
+
+def test_routes_decided_at_init_hold_for_plain_update_trees():
+  """Boxed params at init (logical names: the layer axis in the middle, as
+  MaxText scans), plain arrays in the train step: update keeps init's
+  routes, and a routing pinned with orthax.route gives the same."""
+  boxed = {"layers": {
+      "wi": nn.LogicallyPartitioned(z((8, 3, 16)), ("embed", "layers", "mlp")),
+      "norm": nn.LogicallyPartitioned(z((8, 3)), ("norm", "layers"))}}
+  plain = nn.unbox(boxed)
+  grads = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(0).normal(
+      size=x.shape), jnp.float32), plain)
+  tx = orthax.muon(0.02, weight_decay=0.0)
+  # MaxText's way: the state is built from the boxed params, then unboxed
+  u, _ = tx.update(grads, nn.unbox(tx.init(boxed)), plain)
+  pinned = orthax.muon(0.02, weight_decay=0.0, routing=orthax.route(boxed))
+  up, _ = pinned.update(grads, pinned.init(plain), plain)
+  np.testing.assert_array_equal(u["layers"]["wi"], up["layers"]["wi"])
+  # each of the 3 layers (axis 1) is its own orthogonalized 8x16 matrix
+  for i in range(3):
+    s = np.linalg.svd(np.asarray(u["layers"]["wi"][:, i]), compute_uv=False)
+    np.testing.assert_allclose(s / s.max(), 1.0, atol=0.3)
+  assert _table(boxed)["layers/wi"].batch_axes == (1,)
