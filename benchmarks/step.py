@@ -4,9 +4,11 @@ Times ``jit(update + apply_updates)`` on GPT-2 small's parameters (124M:
 token and position embeddings, 12 pre-LN blocks, tied head) for
 
 * ``orthax.muon`` and ``orthax.normuon`` (defaults: Polar Express, Gram
-  Newton–Schulz where it saves FLOPs; embeddings go to AdamW by key name);
+  Newton–Schulz where it saves FLOPs; embeddings, norms and biases go to
+  AdamW, as :func:`orthax.route` decides);
 * ``optax.contrib.muon`` routed the same way (``muon_weight_dimension_numbers``
-  with ``None`` for the embeddings, biases and norms): the fair comparison;
+  from ``orthax.routing.dimension_numbers``: ``None`` for the embeddings,
+  biases and norms): the fair comparison;
 * ``optax.contrib.muon`` with its defaults, which orthogonalizes every 2-D
   parameter, the 50257×768 token embedding included;
 * ``optax.adamw``.
@@ -59,11 +61,8 @@ def gpt2_params(vocab: int, context: int, width: int, layers: int,
 
 
 def _same_routing(params):
-  """optax's dimension numbers: kernels are matrices, the rest goes to Adam."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: (orthax.MuonDimensionNumbers(0, 1)
-                       if getattr(path[-1], "key", None) == "kernel" else None),
-      params)
+  """orthax's routing as optax's dimension numbers (``None``: Adam)."""
+  return orthax.routing.dimension_numbers(orthax.route(params))
 
 
 def optimizers(params) -> dict[str, optax.GradientTransformation]:

@@ -63,18 +63,20 @@ def test_step_benchmark_quick(tmp_path):
 
 
 def test_step_benchmark_routes_like_orthax():
-  """The fair optax baseline orthogonalizes exactly the leaves orthax does."""
+  """The fair optax baseline orthogonalizes exactly the leaves orthax does:
+  every block kernel (4 per layer), as (fan_in, fan_out)."""
   import jax
-  from orthax.labels import default_labels
+  import orthax
   bench = _load("step")
   params = bench.gpt2_params(*bench.MODELS["quick"])
-  ours = jax.tree.leaves(default_labels(params))
-  import orthax
-  theirs = jax.tree.leaves(
+  theirs = jax.tree_util.tree_leaves_with_path(
       bench._same_routing(params),
       is_leaf=lambda x: x is None or isinstance(x, orthax.MuonDimensionNumbers))
-  assert [lab == "matrix" for lab in ours] == [d is not None for d in theirs]
-  assert sum(lab == "matrix" for lab in ours) == 4 * bench.MODELS["quick"][3]
+  matrices = {orthax.routing.path_of(kp): d for kp, d in theirs
+              if d is not None}
+  assert all(k.endswith("kernel") and d == orthax.MuonDimensionNumbers((0,), (1,))
+             for k, d in matrices.items())
+  assert len(matrices) == 4 * bench.MODELS["quick"][3]
 
 
 def test_kernels_benchmark_quick(tmp_path, capsys):

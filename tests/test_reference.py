@@ -118,16 +118,16 @@ def _normuon_chain(coeffs):
       optax.add_decayed_weights(WD), optax.scale(-LR))
 
 
+# The ready optimizers' routing: every leaf a matrix with SHAPES' axes.
+_ROUTING = {k: spec or DIMS(0, 1) for k, (_, spec) in SHAPES.items()}
+
+
 def _normuon_optimizer(coeffs):
-  dims = {k: spec for k, (_, spec) in SHAPES.items()}
-  return orthax.normuon(LR, weight_decay=WD, coeffs=coeffs,
-                        dimension_numbers=dims)
+  return orthax.normuon(LR, weight_decay=WD, coeffs=coeffs, routing=_ROUTING)
 
 
 def _muon_optimizer(coeffs):
-  dims = {k: spec for k, (_, spec) in SHAPES.items()}
-  return orthax.muon(LR, weight_decay=WD, coeffs=coeffs,
-                     dimension_numbers=dims)
+  return orthax.muon(LR, weight_decay=WD, coeffs=coeffs, routing=_ROUTING)
 
 
 CASES = {
