@@ -35,7 +35,8 @@ MLP, a final LayerNorm, and a head tied to ``wte`` or a separate ``lm_head``.
 matrices (attention and MLP kernels) their orthogonalized or rotated updates
 and route ``wte``, ``wpe``, ``lm_head``, the norms and the biases to AdamW:
 :func:`orthax.route` decides from the model's own NNX modules (passed as
-``model=``), and the run logs the table :func:`orthax.describe` prints.
+``model=``), and the run logs the table :func:`orthax.describe` prints
+(absl INFO, shown with ``--verbosity=0``).
 
 Data (``config.data``): ``train_files``/``val_files`` globs of llm.c /
 modded-nanogpt ``.bin`` token shards, read through ``np.memmap``; with no
