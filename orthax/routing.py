@@ -89,6 +89,7 @@ __all__ = [
     "Route",
     "RoutingSpec",
     "by_path",
+    "by_pattern",
     "describe",
     "dimension_numbers",
     "from_optax",
@@ -710,24 +711,48 @@ def _routing_values(routing, tree, paths, shapes) -> list[Any]:
           for p, s, b in zip(paths, shapes, flat)]
 
 
+def by_pattern(patterns: Mapping[str, Any], paths: list[str], *,
+               what: str) -> list[tuple[int, str, Any]]:
+  """``(leaf index, pattern, value)`` for every leaf each pattern matches.
+
+  Patterns are :mod:`fnmatch` globs over ``'a/b/kernel'`` paths
+  (:func:`path_of`), in the mapping's order (so a later pattern's value
+  comes after an earlier one's for the same leaf).
+
+  Args:
+    patterns: ``{pattern: value}``.
+    paths: the leaves' paths.
+    what: the argument's name, for errors.
+
+  Raises:
+    TypeError: ``patterns`` is not a mapping.
+    ValueError: a pattern that matches no leaf (a typo would otherwise
+      change nothing, silently), with examples of the paths.
+  """
+  if not isinstance(patterns, Mapping):
+    raise TypeError(
+        f"{what} must be a mapping from path patterns ('*/lm_head/*', "
+        f"'blocks/*/mlp/kernel') to values; got {type(patterns).__name__}.")
+  hits = []
+  for pattern, value in patterns.items():
+    matched = [i for i, p in enumerate(paths)
+               if fnmatch.fnmatchcase(p, pattern)]
+    if not matched:
+      shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+      raise ValueError(
+          f"{what}: pattern {pattern!r} matches no leaf; paths look like "
+          f"{shown}")
+    hits += [(i, pattern, value) for i in matched]
+  return hits
+
+
 def _apply_overrides(overrides, paths, keys, shapes, values) -> list[Any]:
   if overrides is None:
     return values
-  if not isinstance(overrides, Mapping):
-    raise TypeError(
-        "overrides must be a mapping from path patterns ('*/lm_head/*', "
-        f"'blocks/*/mlp/kernel') to routes; got {type(overrides).__name__}.")
   values = list(values)
-  for pattern, value in overrides.items():
-    hits = [i for i, p in enumerate(paths) if fnmatch.fnmatchcase(p, pattern)]
-    if not hits:
-      shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
-      raise ValueError(
-          f"overrides: pattern {pattern!r} matches no leaf; paths look like "
-          f"{shown}")
-    for i in hits:
-      values[i] = _user_value(keys[i], shapes[i], value,
-                              f"overrides[{pattern!r}]")
+  for i, pattern, value in by_pattern(overrides, paths, what="overrides"):
+    values[i] = _user_value(keys[i], shapes[i], value,
+                            f"overrides[{pattern!r}]")
   return values
 
 
