@@ -10,13 +10,18 @@ from orthax.transforms.neuron_normalize import NeuronNormalizeState, neuron_norm
 from orthax.transforms.orthogonalize import orthogonalize
 from orthax.transforms.rotate import RotateState, spectrum_drift, spectrum_preserving_rotate
 from orthax.transforms.shape import scale_by_shape
+from orthax.transforms.weight_decay import (CautiousWeightDecayState,
+                                           cautious_weight_decay,
+                                           scale_by_multipliers)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CautiousWeightDecayState",
     "MomentumState",
     "MuonDimensionNumbers",
     "NeuronNormalizeState",
+    "cautious_weight_decay",
     "describe",
     "momentum",
     "muon",
@@ -29,6 +34,7 @@ __all__ = [
     "Route",
     "route",
     "routing",
+    "scale_by_multipliers",
     "scale_by_shape",
     "spectrum_drift",
     "spectrum_preserving_rotate",
