@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["map_with_path"]
+__all__ = ["broadcast_prefix", "map_with_path"]
 
 
 def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any,
@@ -33,3 +33,40 @@ def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any,
     return treedef.unflatten(outs)
   columns = list(zip(*outs)) if outs else [()] * num_outputs
   return tuple(treedef.unflatten(list(c)) for c in columns)
+
+
+class _Box:
+  """Holds a value so that it is a tree leaf (``None`` and NamedTuples such
+  as ``MuonDimensionNumbers`` are not)."""
+
+  __slots__ = ("value",)
+
+  def __init__(self, value: Any):
+    self.value = value
+
+
+def broadcast_prefix(prefix: Any, tree: Any, *,
+                     is_leaf: Callable[[Any], bool], what: str) -> list[Any]:
+  """One value of ``prefix`` per leaf of ``tree``, in leaf order.
+
+  Args:
+    prefix: a tree that is a prefix of ``tree``: each of its leaves (as
+      ``is_leaf`` says) stands for the whole subtree of ``tree`` below it.
+    tree: the full tree.
+    is_leaf: which nodes of ``prefix`` are its leaves.
+    what: the start of the error message on a mismatch (JAX's account of
+      where the structures differ follows it).
+
+  Raises:
+    ValueError: ``prefix`` is not a prefix of ``tree``.
+  """
+  # Box first: a NamedTuple value is itself a pytree node, so on a mismatch
+  # JAX's error would walk into it and blame the wrong key path.
+  boxed = jax.tree.map(_Box, prefix, is_leaf=is_leaf)
+  try:
+    full = jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub),
+                        boxed, tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{what}: {e}") from e
+  return [b.value for b in jax.tree.leaves(
+      full, is_leaf=lambda x: isinstance(x, _Box))]

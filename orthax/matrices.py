@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
-from orthax._tree import map_with_path
+from orthax._tree import broadcast_prefix, map_with_path
 
 DimensionNumbersSpec = (
     MuonDimensionNumbers | Any | Callable[[Any], Any] | None
@@ -59,15 +59,6 @@ __all__ = [
 
 def _is_spec_leaf(x: Any) -> bool:
   return x is None or isinstance(x, MuonDimensionNumbers)
-
-
-class _Box:
-  """Holds a spec so that it is a tree leaf (MuonDimensionNumbers is not)."""
-
-  __slots__ = ("spec",)
-
-  def __init__(self, spec: MuonDimensionNumbers | None):
-    self.spec = spec
 
 
 def resolve_dimension_numbers(
@@ -89,18 +80,11 @@ def resolve_dimension_numbers(
     spec = spec(tree)
   if _is_spec_leaf(spec):
     return [spec] * len(jax.tree.leaves(tree))
-  # Box the specs first: MuonDimensionNumbers is itself a pytree node, so on a
-  # mismatch JAX's error walked into it and blamed the wrong key path.
-  spec = jax.tree.map(_Box, spec, is_leaf=_is_spec_leaf)
-  try:
-    boxed = jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub),
-                         spec, tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "dimension_numbers must be None, a MuonDimensionNumbers, or a tree "
-        "that is a prefix of the updates with MuonDimensionNumbers or None at "
-        f"its leaves; its structure does not match the updates: {e}") from e
-  return [b.spec for b in jax.tree.leaves(boxed)]
+  return broadcast_prefix(
+      spec, tree, is_leaf=_is_spec_leaf,
+      what="dimension_numbers must be None, a MuonDimensionNumbers, or a tree "
+      "that is a prefix of the updates with MuonDimensionNumbers or None at "
+      "its leaves; its structure does not match the updates")
 
 
 def _axis(a: Any) -> bool:

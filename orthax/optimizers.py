@@ -111,8 +111,9 @@ def _with_adamw(
 
   The routes are decided from the params given to ``init``; ``update`` keeps
   them for the same leaves (paths and shapes) and decides afresh only for a
-  tree ``init`` never saw (from the updates when it gets no params). The update first checks that every gradient has its
-  parameter's shape; the AdamW moments of float16 leaves are kept in float32.
+  tree ``init`` never saw (from the updates when it gets no params). The
+  update first checks that every gradient has its parameter's shape; the
+  AdamW moments of float16 leaves are kept in float32.
   """
   check = functools.partial(check_hyperparameter, name)
   adamw = _float16_in_float32(optax.adamw(

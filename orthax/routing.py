@@ -80,6 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 from optax.contrib import MuonDimensionNumbers
 
+from orthax._tree import broadcast_prefix
 from orthax.matrices import MatrixView, _axes, check_float
 
 __all__ = [
@@ -682,13 +683,6 @@ def _is_routing_leaf(x) -> bool:
       x, (str, bool, np.bool_, MuonDimensionNumbers, Route))
 
 
-class _Box:
-  __slots__ = ("value",)
-
-  def __init__(self, value):
-    self.value = value
-
-
 def _routing_values(routing, tree, paths, shapes) -> list[Any]:
   if routing is None:
     return [AUTO] * len(paths)
@@ -697,18 +691,13 @@ def _routing_values(routing, tree, paths, shapes) -> list[Any]:
   if _is_routing_leaf(routing):
     return [_user_value(p, s, routing, "routing")
             for p, s in zip(paths, shapes)]
-  boxed = jax.tree.map(_Box, routing, is_leaf=_is_routing_leaf)
-  try:
-    full = jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub), boxed,
-                        tree, is_leaf=lambda x: isinstance(x, _Box))
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "routing must be a tree that is a prefix of the params (with "
-        "'auto', 'matrix', 'adamw', True/False or MuonDimensionNumbers at "
-        f"its leaves); its structure does not match the params: {e}") from e
-  flat = jax.tree.leaves(full, is_leaf=lambda x: isinstance(x, _Box))
-  return [_user_value(p, s, b.value, "routing")
-          for p, s, b in zip(paths, shapes, flat)]
+  flat = broadcast_prefix(
+      routing, tree, is_leaf=_is_routing_leaf,
+      what="routing must be a tree that is a prefix of the params (with "
+      "'auto', 'matrix', 'adamw', True/False or MuonDimensionNumbers at "
+      "its leaves); its structure does not match the params")
+  return [_user_value(p, s, v, "routing")
+          for p, s, v in zip(paths, shapes, flat)]
 
 
 def by_pattern(patterns: Mapping[str, Any], paths: list[str], *,

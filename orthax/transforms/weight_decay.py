@@ -13,6 +13,7 @@ import optax
 
 from orthax._checks import (check_hyperparameter, check_number,
                             check_same_shapes, check_state_leaf)
+from orthax._tree import broadcast_prefix
 from orthax.routing import by_pattern, path_of
 
 __all__ = ["CautiousWeightDecayState", "cautious_weight_decay",
@@ -193,14 +194,12 @@ def _factors(spec: Any, tree: Any) -> Any:
     for i, _, factor in by_pattern(spec, paths, what=_MUL):
       factors[i] = float(factor)
     return treedef.unflatten(factors)
-  try:
-    return jax.tree.map(lambda f, sub: jax.tree.map(lambda _: float(f), sub),
-                        spec, tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"{_MUL}: multipliers must be a mapping of path patterns to numbers, "
-        "a tree that is a prefix of the updates' tree with number leaves, or "
-        f"a callable returning one; its structure does not fit: {e}") from e
+  factors = broadcast_prefix(
+      spec, tree, is_leaf=lambda x: isinstance(x, numbers.Real),
+      what=f"{_MUL}: multipliers must be a mapping of path patterns to "
+      "numbers, a tree that is a prefix of the updates' tree with number "
+      "leaves, or a callable returning one; its structure does not fit")
+  return treedef.unflatten([float(f) for f in factors])
 
 
 def scale_by_multipliers(
