@@ -82,6 +82,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from orthax._tree import broadcast_prefix
 from orthax.matrices import MatrixView, _axes, check_float
+from orthax.transforms.shape import shape_factor
 
 __all__ = [
     "ADAMW",
@@ -266,7 +267,7 @@ def _flatten(tree) -> tuple[list, Any]:
 
 _VECTOR_NAMES = frozenset({"bias", "scale", "b", "gamma", "beta", "g",
                            "offset", "dt_bias", "a_log"})
-_NORM_MARKS = ("norm", "ln_", "ln", "rms")
+_NORM_MARKS = ("norm", "ln_", "rms")
 _EMBED_NAMES = frozenset({"wte", "wpe", "emb", "tok_emb", "pos_emb",
                           "tok_embeddings", "token_emb", "position_emb"})
 _HEAD_NAMES = frozenset({"head", "lm_head", "logitdense", "logits_dense",
@@ -295,8 +296,8 @@ _KNOWN_AXES = (_STACK_AXES | _EMBED_AXES | _HEAD_AXES | _VOCAB_AXES
 
 
 def _is_vector_name(leaf: _Leaf) -> bool:
-  return leaf.name in _VECTOR_NAMES or any(
-      m in leaf.owner for m in _NORM_MARKS if m != "ln") or leaf.owner == "ln"
+  return (leaf.name in _VECTOR_NAMES or leaf.owner == "ln"
+          or any(m in leaf.owner for m in _NORM_MARKS))
 
 
 def _is_embedding_name(n: str) -> bool:
@@ -540,7 +541,7 @@ def _structure_route(leaf: _Leaf, sibs, model: _Model) -> Route | None:
                      f"model stores kernels (out, in){stacked}")
     return _matrix(ndim, axes(0), axes(1), f"2-D{stacked}")
   names = {n.lower() for n in leaf.path[-2:]}
-  if _CONV_MARK in leaf.owner or "conv" in leaf.name:
+  if _CONV_MARK in leaf.owner or _CONV_MARK in leaf.name:
     return _matrix(ndim, axes(*range(c - 1)), axes(c - 1),
                    f"conv kernel{stacked}")
   if names & _IN_PROJ:
@@ -909,22 +910,9 @@ def from_optax(spec: Any) -> RoutingSpec:
   return convert(spec)
 
 
-def _grouping(shape, r: Route) -> str:
-  if r.kind != MATRIX:
-    return ""
-  size = lambda axes: math.prod(shape[a] for a in axes)
-  batch = f"{size(r.batch_axes)} x " if r.batch_axes else ""
-  return f"{batch}{size(r.reduction_axes)}x{size(r.output_axes)}"
-
-
-def _shape_scale(shape, r: Route, shape_scale: str) -> str:
-  if r.kind != MATRIX:
-    return ""
-  fan_in = math.prod(shape[a] for a in r.reduction_axes)
-  fan_out = math.prod(shape[a] for a in r.output_axes)
-  if shape_scale == "muon":
-    return f"{math.sqrt(max(1.0, fan_out / max(fan_in, 1))):.3g}"
-  return f"{0.2 * math.sqrt(max(fan_in, fan_out)):.3g}"
+def _grouping(view: MatrixView) -> str:
+  batch = f"{view.batch} x " if view.batch_axes else ""
+  return f"{batch}{view.fan_in}x{view.fan_out}"
 
 
 def describe(tree: Any, *, model: Any = None, routing: RoutingSpec = None,
@@ -959,8 +947,10 @@ def describe(tree: Any, *, model: Any = None, routing: RoutingSpec = None,
                                           transform="orthax.describe")
   rows = [("path", "shape", "route", "grouping", "scale", "rule")]
   for p, s, r in zip(paths, shapes, routes):
-    rows.append((p, str(s), r.kind, _grouping(s, r),
-                 _shape_scale(s, r, shape_scale), r.rule))
+    view = r.view(p, s) if r.kind == MATRIX else None
+    rows.append((p, str(s), r.kind, _grouping(view) if view else "",
+                 f"{shape_factor(view, shape_scale):.3g}" if view else "",
+                 r.rule))
   widths = [max(len(row[i]) for row in rows) for i in range(5)]
   lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  "
            + row[5] for row in rows]

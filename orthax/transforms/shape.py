@@ -7,11 +7,20 @@ import math
 import optax
 
 from orthax._checks import check_hyperparameter
-from orthax.matrices import DimensionNumbersSpec, map_matrices
+from orthax.matrices import DimensionNumbersSpec, MatrixView, map_matrices
 
-__all__ = ["scale_by_shape"]
+__all__ = ["scale_by_shape", "shape_factor"]
 
 _MODES = ("muon", "rms")
+
+
+def shape_factor(view: MatrixView, mode: str = "muon",
+                 rms: float = 0.2) -> float:
+  """The factor :func:`scale_by_shape` multiplies ``view``'s matrices by."""
+  if mode == "muon":
+    # max(fan_in, 1): an empty leaf's factor multiplies nothing
+    return math.sqrt(max(1.0, view.fan_out / max(view.fan_in, 1)))
+  return rms * math.sqrt(max(view.fan_in, view.fan_out))
 
 
 def scale_by_shape(
@@ -62,15 +71,10 @@ def scale_by_shape(
   rms = check_hyperparameter("orthax.scale_by_shape", "rms", rms, low=0.0,
                              low_open=True)
 
-  def factor(view) -> float:
-    if mode == "muon":
-      # max(fan_in, 1): an empty leaf's factor multiplies nothing
-      return math.sqrt(max(1.0, view.fan_out / max(view.fan_in, 1)))
-    return rms * math.sqrt(max(view.fan_in, view.fan_out))
-
   def update_fn(updates, state, params=None):
     del params
-    out = map_matrices(lambda view, u: (u * factor(view)).astype(u.dtype),
+    out = map_matrices(
+        lambda view, u: (u * shape_factor(view, mode, rms)).astype(u.dtype),
                        updates, dimension_numbers=dimension_numbers,
                        transform="orthax.scale_by_shape")
     return out, state
