@@ -315,8 +315,14 @@ def test_routes_decided_at_init_hold_for_plain_update_trees():
   pinned = orthax.muon(0.02, weight_decay=0.0, routing=orthax.route(boxed))
   up, _ = pinned.update(grads, pinned.init(plain), plain)
   np.testing.assert_array_equal(u["layers"]["wi"], up["layers"]["wi"])
-  # each of the 3 layers (axis 1) is its own orthogonalized 8x16 matrix
+  # each of the 3 layers (axis 1) is its own orthogonalized 8x16 matrix: a
+  # Gaussian 8x16 slice's singular values lie far inside the preset's design
+  # interval once normalized (its smallest is ~0.1 of the Frobenius norm,
+  # the interval starts at 1e-3), so all land in the band (lo, hi): their
+  # ratio is at least lo / hi, less float32 rounding of the 5 steps (a few
+  # 1e-6, far below the 1e-4 allowed)
+  lo, hi = orthax.polar.get_preset("polar_express").band
   for i in range(3):
     s = np.linalg.svd(np.asarray(u["layers"]["wi"][:, i]), compute_uv=False)
-    np.testing.assert_allclose(s / s.max(), 1.0, atol=0.3)
+    assert s.min() / s.max() >= lo / hi - 1e-4
   assert _table(boxed)["layers/wi"].batch_axes == (1,)
