@@ -100,8 +100,16 @@ def test_unknown_preset(make):
 def test_unknown_backend_preconditioning_mode_axis():
   with pytest.raises(ValueError, match=r"backend 'triton'.*\('auto', 'xla', 'pallas'\)"):
     orthax.orthogonalize(backend="triton")
-  with pytest.raises(ValueError, match="preconditioning 'spectral'"):
-    orthax.orthogonalize(preconditioning="spectral")
+  with pytest.raises(ValueError, match="preconditioning 'newton'.*'aol'"):
+    orthax.orthogonalize(preconditioning="newton")
+  with pytest.raises(ValueError, match="adaptive must be one of"):
+    orthax.orthogonalize(adaptive="matrix")
+  with pytest.raises(ValueError, match="adaptive must be one of"):
+    orthax.orthogonalize(adaptive=1)
+  with pytest.raises(ValueError, match="norm_margin must be in"):
+    orthax.orthogonalize(norm_margin=0.0)
+  with pytest.raises(ValueError, match="leave them None"):
+    orthax.orthogonalize(coeffs="svd", preconditioning="aol")
   with pytest.raises(ValueError, match="gram must be True, False or 'auto', got 'yes'"):
     orthax.orthogonalize(gram="yes")
   with pytest.raises(ValueError, match="gram=True needs Newton-Schulz coefficients"):

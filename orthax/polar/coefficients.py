@@ -44,6 +44,9 @@ class CoefficientPreset:
       made for.
     band: ``(lo, hi)``: where the composed steps map every value of
       ``interval`` (checked in float64 by ``tests/test_coefficients.py``).
+    preconditioning: how the input is scaled before the first step
+      (:func:`orthax.polar.newton_schulz`'s ``preconditioning``); the
+      interval is in units of that scaling.
   """
 
   name: str
@@ -52,6 +55,7 @@ class CoefficientPreset:
   source: str
   interval: tuple[float, float]
   band: tuple[float, float]
+  preconditioning: str = "frobenius"
 
   @property
   def steps(self) -> int:

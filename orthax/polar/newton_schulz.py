@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BACKENDS", "MatmulOps", "XLA_OPS", "divide_by_max_abs",
-           "frobenius_normalize",
-           "matmul_ops", "newton_schulz", "newton_schulz_flops", "use_gram"]
+__all__ = ["BACKENDS", "MatmulOps", "PRECONDITIONINGS", "XLA_OPS",
+           "divide_by_max_abs", "frobenius_normalize", "matmul_ops",
+           "newton_schulz", "newton_schulz_flops", "precondition", "use_gram"]
 
 
 def divide_by_max_abs(x: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
@@ -138,14 +138,113 @@ def matmul_ops(backend: str | MatmulOps) -> MatmulOps:
                    f"of {BACKENDS} or a MatmulOps.")
 
 
-def _step(ops: MatmulOps, x: jax.Array, abc: jax.Array) -> jax.Array:
+PRECONDITIONINGS = ("frobenius", "spectral", "schatten", "aol")
+
+
+def _safe_inverse(norm: jax.Array, margin: float, eps: float) -> jax.Array:
+  """``1 / (margin * norm + eps)``, and 0 where ``norm`` is 0 (any eps >= 0).
+
+  ``norm`` is of a matrix (or row) already divided by its largest entry, so
+  ``eps`` is relative to that entry, as in :func:`frobenius_normalize`.
+  """
+  zero = norm == 0
+  return jnp.where(zero, jnp.zeros_like(norm),
+                   1 / (margin * jnp.where(zero, jnp.ones_like(norm), norm)
+                        + eps))
+
+
+def _safe_sqrt(x: jax.Array) -> jax.Array:
+  # sqrt's infinite slope at 0 would give 0 * inf = NaN in the branch where()
+  # discards: the zeros never reach it.
+  zero = x == 0
+  return jnp.where(zero, jnp.zeros_like(x),
+                   jnp.sqrt(jnp.where(zero, jnp.ones_like(x), x)))
+
+
+def precondition(x: jax.Array, kind: str = "frobenius", *,
+                 margin: float = 1.0, eps: float = 1e-7, dtype=None,
+                 acc=None, ops: MatmulOps | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+  r"""Scales each wide matrix (last two axes, ``m <= n``) for Newton–Schulz.
+
+  Every kind first divides the matrix by its largest entry (in float32, or
+  float64 for float64 input: no overflow or underflow at any scale), then
+  divides by ``margin * N + eps`` with ``N`` one of these norms, which all
+  bound the spectral norm from above, so the singular values land in
+  ``(0, 1/margin]``:
+
+  * ``"frobenius"``: :math:`\|X\|_F` (:func:`frobenius_normalize`);
+  * ``"spectral"``: :math:`\|X\|_2` itself, the tightest scalar, by an SVD
+    (costly: a reference more than a method);
+  * ``"schatten"``: :math:`\|X\|_{S_4} = \|X X^	op\|_F^{1/2}`, from the Gram
+    matrix that the first step forms anyway (Grishina et al. 2025); between
+    the two above, and above the smallest singular values of a flat spectrum
+    by up to :math:`r^{1/4}` (rank ``r``) compared with Frobenius;
+  * ``"aol"``: not a scalar but a row scaling, :math:`D X` with
+    :math:`D_{ii} = (\sum_j |(X X^	op)_{ij}|)^{-1/2}` (the "almost
+    orthogonal layer" bound of Prach & Lampert 2022, as used by Turbo-Muon,
+    Boissin et al. 2025): :math:`\|D X\|_2 \le 1` always, and for nearly
+    orthogonal rows :math:`D X` is nearly orthogonal. It changes the matrix,
+    not only its scale: the iteration converges to the polar factor of
+    :math:`D X`, not of :math:`X` (as in Turbo-Muon and optax).
+
+  A zero matrix (or, for ``"aol"``, a zero row) maps to zero whatever ``eps``
+  (``>= 0``), with a finite derivative.
+
+  Args:
+    x: ``(..., m, n)`` with ``m <= n``.
+    kind: one of :data:`PRECONDITIONINGS`.
+    margin: ``N`` is multiplied by it (room for rounding below 1).
+    eps: relative regularizer, ``>= 0``.
+    dtype: dtype of the returned matrix (the iteration's); ``None``: ``x``'s.
+    acc: dtype of the returned Gram matrix; ``None``: float32 or wider.
+    ops: the backend's products (for the Gram matrix); ``None``: XLA.
+
+  Returns:
+    ``(X, A)``: the scaled matrix in ``dtype``, and for ``"schatten"`` and
+    ``"aol"`` its Gram matrix :math:`X X^\top` in ``acc`` (scaled from the
+    one formed on the way, so the first step need not form it again), else
+    ``None``.
+  """
+  dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+  acc = jnp.promote_types(dtype, jnp.float32) if acc is None else acc
+  ops = XLA_OPS if ops is None else ops
+  if kind == "frobenius":
+    return frobenius_normalize(x, margin=margin, eps=eps).astype(dtype), None
+  if kind not in PRECONDITIONINGS:
+    raise ValueError(f"Unknown preconditioning {kind!r}; expected one of "
+                     f"{PRECONDITIONINGS}.")
+  unit, _ = divide_by_max_abs(
+      x.astype(jnp.promote_types(x.dtype, jnp.float32)), (-2, -1))
+  if kind == "spectral":
+    if 0 in unit.shape[-2:]:
+      return unit.astype(dtype), None
+    norm = jnp.linalg.norm(unit, ord=2, axis=(-2, -1), keepdims=True)
+    return (unit * _safe_inverse(norm, margin, eps)).astype(dtype), None
+  low = unit.astype(dtype)
+  a_mat = ops.gram(low, acc)
+  if kind == "schatten":
+    fourth = _safe_sqrt(jnp.sum(jnp.square(a_mat), axis=(-2, -1),
+                                keepdims=True))   # ||X||_S4^2
+    scale = _safe_inverse(_safe_sqrt(fourth), margin, eps)
+    return (unit * scale).astype(dtype), a_mat * jnp.square(scale)
+  row = _safe_inverse(_safe_sqrt(jnp.sum(jnp.abs(a_mat), axis=-1,
+                                         keepdims=True)), margin, eps)
+  return ((unit * row.astype(unit.dtype)).astype(dtype),
+          a_mat * row * jnp.swapaxes(row, -1, -2))
+
+
+def _step(ops: MatmulOps, x: jax.Array, abc: jax.Array,
+          a_mat: jax.Array | None = None) -> jax.Array:
   """One step on operands of x's dtype, accumulated and combined in ``abc``'s.
 
   With bf16 operands the products accumulate in float32 and the coefficients
   stay float32 (rounding 3.4445 to bf16 would change the polynomial itself);
-  only the matmul inputs are rounded to bf16.
+  only the matmul inputs are rounded to bf16. ``a_mat``: ``X X^T`` if the
+  preconditioning already formed it.
   """
-  a_mat = ops.gram(x, abc.dtype)
+  if a_mat is None:
+    a_mat = ops.gram(x, abc.dtype)
   poly = ops.polynomial(a_mat, None, abc[1], abc[2], x.dtype)
   return ops.apply(poly, x, abc[0])
 
@@ -163,7 +262,8 @@ def _scan_body(ops: MatmulOps):
   return functools.partial(_scan_step, ops)
 
 
-def _gram_segment(ops: MatmulOps, x: jax.Array, table: jax.Array) -> jax.Array:
+def _gram_segment(ops: MatmulOps, x: jax.Array, table: jax.Array,
+                  a_mat: jax.Array | None = None) -> jax.Array:
   """Steps of ``table`` on a wide ``x``, iterated on its Gram matrix.
 
   Every step's ``X_k`` is ``Q_k X_0`` with ``Q_k`` a polynomial of
@@ -174,7 +274,8 @@ def _gram_segment(ops: MatmulOps, x: jax.Array, table: jax.Array) -> jax.Array:
   ``A``: ``8 m^3`` FLOPs per inner step, ``6`` and ``4`` at the ends.
   """
   acc = table.dtype
-  a_mat = ops.gram(x, acc)
+  if a_mat is None:
+    a_mat = ops.gram(x, acc)
   q = None
   steps = table.shape[0]
   for k in range(steps):  # a few steps, unrolled to skip the end products
@@ -225,7 +326,8 @@ def use_gram(m: int, n: int, steps: int, gram: bool | str,
 
 
 def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
-                  eps: float = 1e-7, compute_dtype=None,
+                  eps: float = 1e-7, preconditioning: str = "frobenius",
+                  compute_dtype=None,
                   gram: bool | str = False,
                   gram_restart: int | None = 2,
                   backend: str | MatmulOps = "xla") -> jax.Array:
@@ -236,12 +338,15 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
       (the result is then empty).
     coeffs: ``(steps, 3)`` table of ``(a, b, c)``, one row per step (see
       :mod:`orthax.polar.coefficients`).
-    norm_margin: the input is divided by ``norm_margin * ||X||_F +
-      eps * max|X|`` (:func:`frobenius_normalize`: Frobenius normalization
-      bounds the spectral norm by 1; a margin above 1 leaves room for
-      rounding).
+    norm_margin: the input is divided by ``norm_margin * N + eps * max|X|``
+      with ``N`` the preconditioning's norm (:func:`precondition`; the
+      Frobenius norm by default, which bounds the spectral norm by 1; a
+      margin above 1 leaves room for rounding).
     eps: a relative regularizer of that division, ``>= 0``; the result does
       not depend on the scale of ``x``, and an all-zero matrix maps to zero.
+    preconditioning: ``"frobenius"``, ``"spectral"``, ``"schatten"`` or
+      ``"aol"`` (:func:`precondition`); the last two reuse the first step's
+      Gram matrix, so they cost no extra product.
     compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``); ``None``
       uses ``x.dtype``. The result is returned in ``x.dtype``.
     gram: iterate on the ``min(m, n)`` Gram matrix (Gram Newton–Schulz,
@@ -279,16 +384,22 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
                       dtype=jnp.promote_types(dtype, jnp.float32))
   steps = table.shape[0]
   gram = use_gram(x.shape[-2], x.shape[-1], steps, gram, gram_restart)
-  x = frobenius_normalize(x, margin=norm_margin, eps=eps).astype(dtype)
+  x, a_mat = precondition(x, preconditioning, margin=norm_margin, eps=eps,
+                          dtype=dtype, acc=table.dtype, ops=ops)
   if gram:
     cut = steps if gram_restart is None else gram_restart
     for segment in (table[:cut], table[cut:]):
       if segment.shape[0]:
-        x = _gram_segment(ops, x, segment)
+        x = _gram_segment(ops, x, segment, a_mat)
+        a_mat = None
   else:
-    # Unrolled: straight-line HLO, which XLA schedules, and costs
-    # (cost_analysis counts a loop body once), as a whole.
-    x, _ = jax.lax.scan(_scan_body(ops), x, table, unroll=True)
+    if a_mat is not None:
+      x = _step(ops, x, table[0], a_mat)
+      table = table[1:]
+    if table.shape[0]:
+      # Unrolled: straight-line HLO, which XLA schedules, and costs
+      # (cost_analysis counts a loop body once), as a whole.
+      x, _ = jax.lax.scan(_scan_body(ops), x, table, unroll=True)
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   return x.astype(out_dtype)

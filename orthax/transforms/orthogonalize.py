@@ -12,15 +12,15 @@ import optax
 
 from orthax._checks import check_hyperparameter, check_number
 from orthax.matrices import DimensionNumbersSpec, MatrixView, matrix_views
-from orthax.polar.coefficients import resolve_coefficients
-from orthax.polar.newton_schulz import newton_schulz
+from orthax.polar.coefficients import get_preset, resolve_coefficients
+from orthax.polar.newton_schulz import PRECONDITIONINGS, newton_schulz
 from orthax.polar.reference import polar_svd
 from orthax.sharded import replicated, resolve_mesh, sharded_polar
 
 __all__ = ["orthogonalize"]
 
 _BACKENDS = ("auto", "xla", "pallas")
-_PRECONDITIONINGS = ("frobenius",)
+_ADAPTIVE = (False, True, "leaf")
 
 
 def _stacked(polar: Callable[[jax.Array], jax.Array],
@@ -52,12 +52,26 @@ def _stacked(polar: Callable[[jax.Array], jax.Array],
   return out
 
 
+def _dual_norm_scaled(view: MatrixView, g: jax.Array, o: jax.Array, *,
+                      per_leaf: bool) -> jax.Array:
+  """``<G, O> O`` per matrix of the leaf (or with one sum over the leaf),
+  accumulated in float32 or wider and returned in ``o``'s dtype."""
+  acc = jnp.promote_types(o.dtype, jnp.float32)
+  if per_leaf:
+    return (jnp.sum(g.astype(acc) * o.astype(acc)) * o).astype(o.dtype)
+  gm, om = view.to_matrices(g).astype(acc), view.to_matrices(o).astype(acc)
+  dual = jnp.sum(gm * om, axis=(-2, -1), keepdims=True)
+  return view.from_matrices((dual * om).astype(o.dtype))
+
+
 def orthogonalize(
     *,
     coeffs: str | Any = "polar_express",
     steps: int | None = None,
-    preconditioning: str = "frobenius",
+    preconditioning: str | None = None,
+    norm_margin: float | None = None,
     eps: float = 1e-7,
+    adaptive: bool | str = False,
     compute_dtype=None,
     dimension_numbers: DimensionNumbersSpec = None,
     backend: str = "auto",
@@ -101,15 +115,36 @@ def orthogonalize(
       ``(steps, 3)``.
     steps: number of Newton–Schulz steps, a positive integer (Python or
       NumPy); ``None`` keeps the preset's own (5 for every built-in preset).
-      See :func:`orthax.polar.resolve_coefficients` for how a per-step table
-      is shortened or extended.
-    preconditioning: how the input is scaled before the first step; only
-      ``"frobenius"`` (divide by ``margin * ||G||_F + eps * max|G|``) for
-      now.
+      A per-step table runs its first ``steps`` rows and, past its end, the
+      classical quintic that converges to the polar factor
+      (:func:`orthax.polar.resolve_coefficients`). optax differs:
+      ``optax.contrib.muon`` runs every row of a table and rejects
+      ``ns_steps`` below its length; :func:`orthax.contrib.muon` keeps
+      optax's rule.
+    preconditioning: how each matrix is scaled before the first step
+      (:func:`orthax.polar.precondition`): ``"frobenius"`` (divide by
+      ``norm_margin * ||G||_F + eps * max|G|``), ``"spectral"`` (the
+      spectral norm, by an SVD: costly), ``"schatten"`` (the Schatten-4
+      norm, from the first step's Gram matrix: free, and tighter than
+      Frobenius) or ``"aol"`` (Turbo-Muon's row scaling, free too; it
+      orthogonalizes ``D G`` rather than ``G``). ``None``: the preset's own
+      (``"frobenius"`` for every preset but those made for another;
+      ``"frobenius"`` for explicit coefficients).
+    norm_margin: the norm above is multiplied by it, ``>= 1`` in practice
+      (room for rounding); ``None``: the preset's own (1.02 for
+      ``"polar_express"``, the input margin of its paper), 1.0 for explicit
+      coefficients.
     eps: ``>= 0``, relative to the matrix's largest entry
       (:func:`orthax.polar.frobenius_normalize`), so the result does not
       depend on the gradient's scale: ``1e20 * G`` and ``1e-12 * G`` give the
-      update of ``G``. A zero matrix maps to zero whatever ``eps``.
+      update of ``G``. A zero matrix maps to zero whatever ``eps``. (optax's
+      ``eps`` is absolute: it shrinks gradients whose norm is near ``eps``,
+      where orthax does not.)
+    adaptive: scale each result ``O`` by ``<G, O>``, the dual (nuclear) norm
+      of the input ``G`` that the spectral-norm steepest-descent step has
+      (Bernstein & Newhouse 2024): ``True`` per matrix; ``"leaf"`` one
+      scalar per leaf, summed over its batch axes as ``optax.contrib.muon``
+      (``adaptive=True``) does; ``False`` (default) not at all.
     compute_dtype: dtype of the iteration (``jnp.bfloat16`` halves the cost on
       accelerators); ``None`` uses each leaf's dtype. Updates are returned in
       their input dtype.
@@ -158,7 +193,9 @@ def orthogonalize(
     A stateless :class:`optax.GradientTransformation`.
 
   Raises:
-    ValueError: unknown preset, backend or preconditioning, bad coefficient
+    ValueError: unknown preset, backend, preconditioning or adaptive mode,
+      ``norm_margin <= 0``, preconditioning with ``coeffs="svd"``, bad
+      coefficient
       shape, ``steps`` or ``gram_restart`` below 1, ``eps < 0``; at update
       time, a leaf that is not a matrix under its dimension numbers (the
       message names its key path and shape).
@@ -181,16 +218,32 @@ def orthogonalize(
 
     N. Amsel et al., The Polar Express: Optimal Matrix Sign Methods and Their
     Application to the Muon Algorithm, 2025, arXiv:2505.16932
+
+    T. Boissin et al., Turbo-Muon: Accelerating Orthogonality-Based
+    Optimization with Pre-Conditioning, 2025, arXiv:2512.04632
+
+    E. Grishina et al., Accelerating Newton-Schulz Iteration for
+    Orthogonalization via Chebyshev-type Polynomials, 2025, arXiv:2506.10935
+
+    J. Bernstein, L. Newhouse, Old Optimizer, New Norm: An Anthology, 2024,
+    arXiv:2409.20325
   """
   if backend not in _BACKENDS:
     raise ValueError(
         f"Unknown orthogonalization backend {backend!r}; expected one of "
         f"{_BACKENDS}.")
-  if preconditioning not in _PRECONDITIONINGS:
+  if preconditioning is not None and preconditioning not in PRECONDITIONINGS:
     raise ValueError(
         f"Unknown preconditioning {preconditioning!r}; expected one of "
-        f"{_PRECONDITIONINGS}.")
+        f"{PRECONDITIONINGS} or None (the preset's own).")
+  adaptive = bool(adaptive) if isinstance(adaptive, np.bool_) else adaptive
+  if not (isinstance(adaptive, (bool, str)) and adaptive in _ADAPTIVE):
+    raise ValueError(f"orthax.orthogonalize: adaptive must be one of "
+                     f"{_ADAPTIVE}, got {adaptive!r}.")
   transform = "orthax.orthogonalize"
+  if norm_margin is not None:
+    norm_margin = check_hyperparameter(transform, "norm_margin", norm_margin,
+                                       low=0.0, low_open=True)
   if not (gram == "auto" if isinstance(gram, str)
           else isinstance(gram, (bool, np.bool_))):
     raise ValueError(
@@ -218,6 +271,10 @@ def orthogonalize(
       raise ValueError("backend='pallas' runs Newton-Schulz kernels; "
                        "coeffs='svd' computes the exact polar factor by SVD "
                        "(use backend='xla' or 'auto').")
+    if preconditioning is not None or norm_margin is not None:
+      raise ValueError("preconditioning and norm_margin scale the input of "
+                       "Newton-Schulz; coeffs='svd' computes the exact polar "
+                       "factor of the gradient itself: leave them None.")
 
     def polar(x):
       dtype = x.dtype if compute_dtype is None else compute_dtype
@@ -225,9 +282,14 @@ def orthogonalize(
   else:
     table, margin = resolve_coefficients(coeffs, steps)
     table = np.asarray(table)
+    margin = margin if norm_margin is None else norm_margin
+    if preconditioning is None:
+      preconditioning = (get_preset(coeffs).preconditioning
+                         if isinstance(coeffs, str) else "frobenius")
 
     def polar(x):
       return newton_schulz(x, table, norm_margin=margin, eps=eps,
+                           preconditioning=preconditioning,
                            compute_dtype=compute_dtype, gram=gram,
                            gram_restart=gram_restart, backend=backend)
 
@@ -246,6 +308,9 @@ def orthogonalize(
       out = sharded_polar(
           polar, lambda v, x: _stacked(polar, v, x), views, leaves,
           *sharding, steps=steps_run, gram=gram, gram_restart=gram_restart)
+    if adaptive:
+      out = [_dual_norm_scaled(view, g, o, per_leaf=adaptive == "leaf")
+             for view, g, o in zip(views, leaves, out)]
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
