@@ -104,6 +104,7 @@ def _with_adamw(
     adam_learning_rate: optax.ScalarOrSchedule | None,
     adam_b1: float, adam_b2: float, adam_eps: float,
     adam_weight_decay: float, mu_dtype,
+    adam_eps_root: float = 0.0, adam_nesterov: bool = False,
     state_entries: Callable[[MatrixView], int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Routes hidden matrices to ``make_matrices(dimension_numbers)`` and every
@@ -122,8 +123,9 @@ def _with_adamw(
       b2=check("adam_b2", adam_b2, low=0.0, high=1.0, high_open=True),
       # eps = 0 would make a zero gradient 0 / 0
       eps=check("adam_eps", adam_eps, low=0.0, low_open=True),
+      eps_root=check("adam_eps_root", adam_eps_root, low=0.0),
       weight_decay=check("adam_weight_decay", adam_weight_decay, low=0.0),
-      mu_dtype=mu_dtype))
+      mu_dtype=mu_dtype, nesterov=bool(adam_nesterov)))
   make_matrices(None)   # checks the matrix transforms' arguments now
 
   # The routes each init decided, by the leaves' paths and shapes: update
