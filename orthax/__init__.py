@@ -2,7 +2,7 @@
 
 from optax.contrib import MuonDimensionNumbers
 
-from orthax import polar, routing
+from orthax import contrib, polar, routing
 from orthax.optimizers import muon, normuon, pion
 from orthax.routing import Route, describe, route
 from orthax.transforms.momentum import MomentumState, momentum
@@ -22,6 +22,7 @@ __all__ = [
     "MuonDimensionNumbers",
     "NeuronNormalizeState",
     "cautious_weight_decay",
+    "contrib",
     "describe",
     "momentum",
     "muon",

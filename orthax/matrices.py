@@ -131,7 +131,7 @@ def check_float(path: str, leaf: Any, transform: str) -> None:
   dtype = jnp.result_type(leaf)
   if dtype not in _FLOATS:
     raise TypeError(
-        f"{transform}: leaf {path} has dtype {dtype} (shape "
+        f"{transform}: leaf {path or '(the root)'} has dtype {dtype} (shape "
         f"{jnp.shape(leaf)}); expected one of float32, bfloat16, float16 or "
         "float64.")
 
