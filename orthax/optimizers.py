@@ -1,10 +1,36 @@
-"""Ready optimizers: orthogonalized updates for hidden matrices, AdamW for the rest."""
+"""Ready optimizers: orthogonalized updates for hidden matrices, AdamW for the rest.
+
+The ready optimizers share most of their keyword arguments: the momentum,
+the Newton–Schulz iteration, the shape scale and decay, the routing and
+AdamW's settings. Each shared argument is declared once, in the tables
+below (:class:`_Arg`: name, default, annotation and the text of its
+``Args:`` entry), and checked once, by the builder that consumes it
+(:func:`_orthogonalized` and :func:`_with_adamw`, through the transforms
+they build). The decorator :func:`_ready` gives an optimizer the groups it
+takes: its public signature is its own arguments followed by the groups'
+(keyword-only, with the tables' defaults), its docstring's ``{shared_args}``
+becomes their ``Args:`` entries, each call is bound against that signature
+(an unknown or missing argument is a ``TypeError`` naming it), and the body
+receives the groups' values as one namespace, ``shared``.
+
+Why a table rather than writing each signature out: Muon's family will have
+many members whose thirty-odd shared keywords would otherwise be repeated,
+with their defaults and their documentation, in every one, and a default
+changed in one place but not another is the kind of drift that nothing
+catches. ``inspect.signature``, ``help()``, IPython and Sphinx read the
+spliced signature (a test checks it and the docs); a static type checker
+sees the decorator's wrapper, ``(*args, **kwargs)``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import logging
 import math
+import textwrap
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from orthax._checks import check_hyperparameter, check_same_shapes
+from orthax._checks import check_flag, check_hyperparameter, check_same_shapes
 from orthax import routing as routing_lib
 from orthax.matrices import MatrixView, check_float
 from orthax.routing import ADAMW, MATRIX
@@ -22,21 +48,10 @@ from orthax.transforms.neuron_normalize import neuron_normalize
 from orthax.transforms.orthogonalize import orthogonalize
 from orthax.transforms.rotate import spectrum_preserving_rotate, state_entries
 from orthax.transforms.shape import scale_by_shape
+from orthax.transforms.weight_decay import (cautious_weight_decay,
+                                            scale_by_multipliers)
 
 __all__ = ["muon", "normuon", "pion"]
-
-
-def _descent(matrix_tx: optax.GradientTransformation, *,
-             learning_rate: optax.ScalarOrSchedule, weight_decay: float,
-             weight_decay_mask: Any, name: str) -> optax.GradientTransformation:
-  """``matrix_tx`` followed by decoupled weight decay and the step size."""
-  weight_decay = check_hyperparameter(name, "weight_decay", weight_decay,
-                                      low=0.0)
-  return optax.chain(
-      matrix_tx,
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
 
 
 def _float16_in_float32(
@@ -105,16 +120,25 @@ def _with_adamw(
     adam_b1: float, adam_b2: float, adam_eps: float,
     adam_weight_decay: float, mu_dtype,
     adam_eps_root: float = 0.0, adam_nesterov: bool = False,
+    lr_multipliers: Any = None,
     state_entries: Callable[[MatrixView], int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Routes hidden matrices to ``make_matrices(dimension_numbers)`` and every
-  other leaf to AdamW, by :func:`orthax.route` on the params.
+  other leaf to AdamW (NAdamW with ``adam_nesterov``), by
+  :func:`orthax.route` on the params.
 
   The routes are decided from the params given to ``init``; ``update`` keeps
   them for the same leaves (paths and shapes) and decides afresh only for a
   tree ``init`` never saw (from the updates when it gets no params). The
   update first checks that every gradient has its parameter's shape; the
   AdamW moments of float16 leaves are kept in float32.
+
+  ``lr_multipliers`` (:func:`orthax.scale_by_multipliers`) multiplies every
+  leaf's final update, after the partition: the patterns see the whole tree
+  (inside it, a pattern for matrices would match nothing among the AdamW
+  leaves), and a factor after the learning rate gives the same step as one
+  before it (``f * (lr * u)`` and ``lr * (f * u)`` differ by one rounding),
+  decay included. ``None`` adds no stage, so the state is the partition's.
   """
   check = functools.partial(check_hyperparameter, name)
   adamw = _float16_in_float32(optax.adamw(
@@ -125,7 +149,8 @@ def _with_adamw(
       eps=check("adam_eps", adam_eps, low=0.0, low_open=True),
       eps_root=check("adam_eps_root", adam_eps_root, low=0.0),
       weight_decay=check("adam_weight_decay", adam_weight_decay, low=0.0),
-      mu_dtype=mu_dtype, nesterov=bool(adam_nesterov)))
+      mu_dtype=mu_dtype,
+      nesterov=check_flag(name, "adam_nesterov", adam_nesterov)))
   make_matrices(None)   # checks the matrix transforms' arguments now
 
   # The routes each init decided, by the leaves' paths and shapes: update
@@ -162,51 +187,144 @@ def _with_adamw(
     inner, _ = routed(updates if params is None else params, at_init=False)
     return inner.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  routed_tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  if lr_multipliers is None:
+    return routed_tx
+  return optax.chain(routed_tx, scale_by_multipliers(lr_multipliers))
 
 
-_SHARED_ARGS_DOC = """
-    beta: momentum decay (:func:`orthax.momentum`).
-    nesterov: Nesterov momentum.
-    mu_dtype: dtype of the momentum (and of AdamW's first moment, as in
-      ``optax.contrib.muon``); ``None`` follows the params, except that the
-      AdamW moments of float16 params are float32 (in float16 they underflow
-      and the first step divides by zero).
-    coeffs: Newton–Schulz preset or coefficients (:func:`orthax.orthogonalize`);
-      ``"muon"`` gives Jordan's original quintic.
-    steps: Newton–Schulz steps; ``None`` keeps the preset's.
-    gram: Gram Newton–Schulz: ``"auto"`` (where it saves FLOPs), ``True`` or
-      ``False`` (:func:`orthax.orthogonalize`).
-    mesh, mesh_axis: sharded orthogonalization, each device whole matrices
-      for its share of the FSDP-sharded parameters
-      (:func:`orthax.orthogonalize`).
-    eps: Newton–Schulz normalization epsilon, ``>= 0``, relative to the
-      largest entry (:func:`orthax.polar.frobenius_normalize`): the update
-      does not depend on the gradient's scale.
-    compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16``).
-    shape_scale: ``"muon"`` or ``"rms"`` (:func:`orthax.scale_by_shape`).
-    weight_decay: decoupled weight decay of the hidden matrices, ``>= 0``,
-      multiplied by the learning rate (optax's convention).
-    weight_decay_mask: optax mask (tree or callable) restricting it.
-{routing_args}
-    adam_learning_rate: AdamW's learning rate (float or schedule) for the
-      other leaves; ``None`` uses ``learning_rate``, as optax's Muon does.
-    adam_b1, adam_b2, adam_eps: AdamW's moment decays, in ``[0, 1)``, and
-      epsilon, ``> 0`` (with 0 a zero gradient would give ``0 / 0``).
-    adam_weight_decay: AdamW's decoupled weight decay, ``>= 0`` (0 by
-      default: the usual choice for embeddings, norms and biases)."""
+@dataclasses.dataclass(frozen=True)
+class _Arg:
+  """A keyword argument that several ready optimizers take.
 
-_ROUTING_ARGS_DOC = """    model: the Flax NNX module that owns the params, if you have one: its
-      modules' declared features decide the matrices' axes
-      (:func:`orthax.route`). Not needed for linen or plain trees.
-    routing: which leaves are matrices and their axes, where the rules
-      (:mod:`orthax.routing`) should not decide: a tree (a prefix of the
-      params) of ``"auto"``/``"matrix"``/``"adamw"``/``MuonDimensionNumbers``,
-      or a callable returning one; ``None`` lets the rules decide every leaf.
-      An ``optax.contrib.muon`` spec, where ``None`` means AdamW, goes
-      through :func:`orthax.routing.from_optax`. See :func:`orthax.describe`.
-    overrides: ``{path pattern: route}`` on top of the rules and
-      ``routing``, e.g. ``{'*/lm_head/*': 'adamw'}``."""
+  Attributes:
+    name: the keyword.
+    default: its default, the same in every optimizer that takes it.
+    annotation: its type, as the signature shows it.
+    doc: its ``Args:`` entry, without the name.
+  """
+
+  name: str
+  default: Any
+  annotation: str
+  doc: str
+
+
+_MOMENTUM_ARGS = (
+    _Arg("beta", 0.95, "float",
+         "decay of the momentum, in ``[0, 1)`` (:func:`orthax.momentum`)."),
+    _Arg("nesterov", True, "bool",
+         "Nesterov momentum: the update is ``beta * m + (1 - beta) * g`` "
+         "rather than the average ``m``."),
+    _Arg("bias_correction", False, "bool",
+         "divide the momentum by ``1 - beta**t`` (NAdam's form under "
+         "Nesterov) as ``optax.contrib.muon`` does; the default keeps "
+         "Jordan's uncorrected momentum. The orthogonalization discards a "
+         "common factor, so this changes the first steps' direction only "
+         "under Nesterov (:func:`orthax.momentum`)."),
+    _Arg("mu_dtype", None, "Any",
+         "dtype of the momentum (and of AdamW's first moment, as in "
+         "``optax.contrib.muon``); ``None`` follows the params, except that "
+         "the AdamW moments of float16 params are float32 (in float16 they "
+         "underflow and the first step divides by zero)."),
+)
+
+_POLAR_ARGS = (
+    _Arg("coeffs", "polar_express", "str | Any",
+         "Newton–Schulz preset or coefficients (:func:`orthax.orthogonalize`); "
+         "``\"muon\"`` gives Jordan's original quintic."),
+    _Arg("steps", None, "int | None",
+         "Newton–Schulz steps; ``None`` keeps the preset's."),
+    _Arg("preconditioning", None, "str | None",
+         "how each matrix is scaled before the first step: ``\"frobenius\"``, "
+         "``\"spectral\"``, ``\"schatten\"`` or ``\"aol\"`` "
+         "(:func:`orthax.polar.precondition`); ``None`` keeps the preset's."),
+    _Arg("norm_margin", None, "float | None",
+         "factor on that norm, ``> 0``; ``None`` keeps the preset's (1.02 for "
+         "``\"polar_express\"``, 1.0 for explicit coefficients)."),
+    _Arg("adaptive", False, "bool | str",
+         "multiply each orthogonalized matrix ``O`` by ``<M, O>``, the dual "
+         "norm of its input ``M``: ``True`` per matrix, ``\"leaf\"`` once per "
+         "leaf (``optax.contrib.muon``'s ``adaptive=True``), ``False`` not at "
+         "all."),
+    _Arg("gram", "auto", "bool | str",
+         "Gram Newton–Schulz: ``\"auto\"`` (where it saves FLOPs), ``True`` or "
+         "``False`` (:func:`orthax.orthogonalize`)."),
+    _Arg("mesh", None, "jax.sharding.Mesh | jax.sharding.AbstractMesh | None",
+         "sharded orthogonalization, each device whole matrices for its "
+         "share of the FSDP-sharded parameters (:func:`orthax.orthogonalize`)."),
+    _Arg("mesh_axis", None, "str | None",
+         "the mesh axis that shards the parameters (FSDP)."),
+    _Arg("eps", 1e-7, "float",
+         "Newton–Schulz normalization epsilon, ``>= 0``, relative to the "
+         "largest entry (:func:`orthax.polar.frobenius_normalize`): the update "
+         "does not depend on the gradient's scale."),
+    _Arg("compute_dtype", None, "Any",
+         "dtype of the iteration (e.g. ``jnp.bfloat16``)."),
+)
+
+_DESCENT_ARGS = (
+    _Arg("shape_scale", "muon", "str",
+         "``\"muon\"`` or ``\"rms\"`` (:func:`orthax.scale_by_shape`)."),
+    _Arg("shape_rms", 0.2, "float",
+         "the entries' RMS that ``shape_scale=\"rms\"`` gives, ``> 0`` "
+         "(``optax.contrib.muon``'s ``consistent_rms``); unused by "
+         "``\"muon\"``."),
+    _Arg("weight_decay", 0.01, "float",
+         "decoupled weight decay of the hidden matrices, ``>= 0``, multiplied "
+         "by the learning rate (optax's convention)."),
+    _Arg("weight_decay_mask", None, "Any",
+         "optax mask (tree or callable) restricting it."),
+    _Arg("cautious_weight_decay", False, "bool",
+         "decay only the entries where the update and the weight agree in "
+         "sign (:func:`orthax.cautious_weight_decay`, as in modded-nanogpt's "
+         "record runs) rather than all (:func:`optax.add_decayed_weights`)."),
+    _Arg("lr_multipliers", None, "Any",
+         "per-leaf factors on the step, hidden matrices and AdamW leaves "
+         "alike: path patterns, a prefix tree or a callable "
+         "(:func:`orthax.scale_by_multipliers`). Each leaf's final update, "
+         "its decay included, is multiplied by its factor, the same as "
+         "multiplying its learning rate; ``None``: 1 everywhere."),
+)
+
+_ROUTING_ARGS = (
+    _Arg("model", None, "Any",
+         "the Flax NNX module that owns the params, if you have one: its "
+         "modules' declared features decide the matrices' axes "
+         "(:func:`orthax.route`). Not needed for linen or plain trees."),
+    _Arg("routing", None, "routing_lib.RoutingSpec",
+         "which leaves are matrices and their axes, where the rules "
+         "(:mod:`orthax.routing`) should not decide: a tree (a prefix of the "
+         "params) of ``\"auto\"``/``\"matrix\"``/``\"adamw\"``/"
+         "``MuonDimensionNumbers``, or a callable returning one; ``None`` lets "
+         "the rules decide every leaf. An ``optax.contrib.muon`` spec, where "
+         "``None`` means AdamW, goes through :func:`orthax.routing.from_optax`. "
+         "See :func:`orthax.describe`."),
+    _Arg("overrides", None, "Mapping[str, Any] | None",
+         "``{path pattern: route}`` on top of the rules and ``routing``, e.g. "
+         "``{'*/lm_head/*': 'adamw'}``."),
+)
+
+_ADAMW_ARGS = (
+    _Arg("adam_learning_rate", None, "optax.ScalarOrSchedule | None",
+         "AdamW's learning rate (float or schedule) for the other leaves; "
+         "``None`` uses ``learning_rate``, as optax's Muon does."),
+    _Arg("adam_b1", 0.9, "float", "AdamW's first-moment decay, in ``[0, 1)``."),
+    _Arg("adam_b2", 0.999, "float",
+         "AdamW's second-moment decay, in ``[0, 1)``."),
+    _Arg("adam_eps", 1e-8, "float",
+         "AdamW's epsilon, ``> 0`` (with 0 a zero gradient would give "
+         "``0 / 0``)."),
+    _Arg("adam_eps_root", 0.0, "float",
+         "AdamW's epsilon inside the square root, ``>= 0`` (optax's "
+         "``eps_root``)."),
+    _Arg("adam_weight_decay", 0.0, "float",
+         "AdamW's decoupled weight decay, ``>= 0`` (0 by default: the usual "
+         "choice for embeddings, norms and biases)."),
+    _Arg("adam_nesterov", False, "bool",
+         "NAdamW (:func:`optax.adamw` with ``nesterov=True``, what "
+         "``optax.contrib.muon`` gives these leaves) rather than AdamW."),
+)
 
 _RAISES_DOC = """
   Raises:
@@ -214,60 +332,134 @@ _RAISES_DOC = """
       update time, a gradient whose shape is not its parameter's, a hidden
       matrix that is not a matrix under its dimension numbers, or a state
       that does not match this optimizer (e.g. restored from a checkpoint of
-      another configuration), each named by its key path.
-    TypeError: a leaf whose dtype is not float16, bfloat16, float32 or
-      float64, named by its key path; a hyperparameter of the wrong type.
+      another configuration), each named by its key path; an
+      ``lr_multipliers`` pattern that matches no leaf (at init).
+    TypeError: an unknown keyword; a leaf whose dtype is not float16,
+      bfloat16, float32 or float64, named by its key path; a hyperparameter
+      of the wrong type.
 """
 
 
-def _shared_docs(fn):
-  """Fills the ``{shared_args}`` and ``{raises}`` marks of ``fn``'s docstring.
+def _args_doc(args: tuple[_Arg, ...]) -> str:
+  """The ``Args:`` entries of ``args``, each on its own wrapped lines."""
+  return "".join(
+      "\n" + textwrap.fill(f"{a.name}: {a.doc}", width=79,
+                           initial_indent=" " * 4, subsequent_indent=" " * 6,
+                           break_on_hyphens=False)
+      for a in args)
 
-  (A docstring must be one literal: one built with ``+`` is no docstring.)
+
+def _ready(*groups: tuple[_Arg, ...]):
+  """Decorator: the ready optimizer ``body`` takes the arguments of
+  ``groups`` as well as its own.
+
+  ``body`` declares its own arguments and a keyword ``shared``; its docstring
+  marks with ``{shared_args}`` where the groups' ``Args:`` entries go (and
+  may mark ``{raises}``). The result has the public signature (``body``'s
+  arguments but ``shared``, then the groups' as keyword-only ones with their
+  defaults), binds each call against it and calls ``body`` with the groups'
+  values in a namespace (``shared.beta``, ...).
   """
-  fn.__doc__ = (fn.__doc__.replace("{shared_args}", _SHARED_ARGS_DOC)
-                .replace("{routing_args}", _ROUTING_ARGS_DOC)
-                .replace("{raises}", _RAISES_DOC))
-  return fn
+  table = tuple(a for group in groups for a in group)
+
+  def decorate(body):
+    name = f"orthax.{body.__name__}"
+    own = inspect.signature(body)
+    signature = own.replace(parameters=[
+        *(p for p in own.parameters.values() if p.name != "shared"),
+        *(inspect.Parameter(a.name, inspect.Parameter.KEYWORD_ONLY,
+                            default=a.default, annotation=a.annotation)
+          for a in table)])
+
+    @functools.wraps(body)
+    def ready(*args, **kwargs):
+      try:
+        bound = signature.bind(*args, **kwargs)
+      except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
+      bound.apply_defaults()
+      values = dict(bound.arguments)
+      shared = types.SimpleNamespace(
+          **{a.name: values.pop(a.name) for a in table})
+      return body(**values, shared=shared)
+
+    ready.__signature__ = signature
+    ready.__doc__ = (body.__doc__.replace("{shared_args}", _args_doc(table))
+                     .replace("{raises}", _RAISES_DOC))
+    return ready
+
+  return decorate
 
 
-@_shared_docs
-def muon(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    beta: float = 0.95,
-    nesterov: bool = True,
-    mu_dtype=None,
-    coeffs: str | Any = "polar_express",
-    steps: int | None = None,
-    gram: bool | str = "auto",
-    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-    mesh_axis: str | None = None,
-    eps: float = 1e-7,
-    compute_dtype=None,
-    shape_scale: str = "muon",
-    weight_decay: float = 0.01,
-    weight_decay_mask: Any = None,
-    model: Any = None,
-    routing: routing_lib.RoutingSpec = None,
-    overrides: Mapping[str, Any] | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
+def _values(shared: types.SimpleNamespace,
+            *groups: tuple[_Arg, ...]) -> dict[str, Any]:
+  """The groups' values in ``shared``, as keyword arguments."""
+  return {a.name: getattr(shared, a.name) for group in groups for a in group}
+
+
+def _orthogonalized(
+    name: str, learning_rate: optax.ScalarOrSchedule,
+    shared: types.SimpleNamespace,
+    *stages: Callable[[Any], optax.GradientTransformation],
 ) -> optax.GradientTransformation:
+  """Muon's family: hidden matrices get ``momentum -> orthogonalize ->
+  stages -> scale_by_shape -> decay -> scale_by_learning_rate``, each
+  stage built from the matrices' dimension numbers; the other leaves AdamW.
+
+  ``shared`` holds the values of every group but ``_ROUTING_ARGS`` and
+  ``_ADAMW_ARGS``'s, which go to :func:`_with_adamw` as they are.
+  """
+  s = shared
+  weight_decay = check_hyperparameter(name, "weight_decay", s.weight_decay,
+                                      low=0.0)
+  decay = (cautious_weight_decay
+           if check_flag(name, "cautious_weight_decay", s.cautious_weight_decay)
+           else optax.add_decayed_weights)
+
+  def matrices(dims):
+    # the direction is a chain of its own, as it always was: checkpoints
+    # keep the state's structure
+    direction = optax.chain(
+        momentum(s.beta, nesterov=s.nesterov,
+                 bias_correction=s.bias_correction, mu_dtype=s.mu_dtype),
+        orthogonalize(coeffs=s.coeffs, steps=s.steps,
+                      preconditioning=s.preconditioning,
+                      norm_margin=s.norm_margin, adaptive=s.adaptive,
+                      eps=s.eps, compute_dtype=s.compute_dtype, gram=s.gram,
+                      mesh=s.mesh, mesh_axis=s.mesh_axis,
+                      dimension_numbers=dims),
+        *(stage(dims) for stage in stages),
+        scale_by_shape(s.shape_scale, rms=s.shape_rms, dimension_numbers=dims),
+    )
+    return optax.chain(direction, decay(weight_decay, s.weight_decay_mask),
+                       optax.scale_by_learning_rate(learning_rate))
+
+  return _with_adamw(matrices, name=name, learning_rate=learning_rate,
+                     mu_dtype=s.mu_dtype, lr_multipliers=s.lr_multipliers,
+                     **_values(s, _ROUTING_ARGS, _ADAMW_ARGS))
+
+
+_MUON_FAMILY = (_MOMENTUM_ARGS, _POLAR_ARGS, _DESCENT_ARGS, _ROUTING_ARGS,
+                _ADAMW_ARGS)
+
+
+@_ready(*_MUON_FAMILY)
+def muon(learning_rate: optax.ScalarOrSchedule, *,
+         shared: types.SimpleNamespace) -> optax.GradientTransformation:
   """Muon: orthogonalized momentum for hidden matrices, AdamW for the rest.
 
   Hidden matrices get ``momentum -> orthogonalize -> scale_by_shape ->
-  add_decayed_weights -> scale_by_learning_rate``; every other leaf gets
-  :func:`optax.adamw`. Which leaves are hidden matrices, and their batch,
+  add_decayed_weights -> scale_by_learning_rate`` (the decay cautious with
+  ``cautious_weight_decay``); every other leaf gets :func:`optax.adamw`
+  (NAdamW with ``adam_nesterov``). ``lr_multipliers`` then scales each
+  leaf's update. Which leaves are hidden matrices, and their batch,
   reduction and output axes, :func:`orthax.route` decides from the params
   (Flax metadata, structure, names: embeddings, heads, norms and biases go
   to AdamW; scanned layers and experts are stacks of matrices; conv kernels
   are ``(kh kw in, out)`` matrices); :func:`orthax.describe` shows it.
-  Unlike ``optax.contrib.muon``, the momentum has no bias correction (as in
-  Jordan's reference code).
+  Unlike ``optax.contrib.muon``, the momentum has no bias correction by
+  default (as in Jordan's reference code); :func:`orthax.contrib.muon` has
+  optax's signature and defaults.
 
   Args:
     learning_rate: step size of the hidden matrices, a float or an optax
@@ -275,7 +467,8 @@ def muon(
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is an
-    ``optax.partition``'s.
+    ``optax.partition``'s (with ``lr_multipliers``, a chain of it and
+    :func:`orthax.scale_by_multipliers`' empty state).
 {raises}
   Example:
     >>> import jax.numpy as jnp, optax, orthax
@@ -289,53 +482,13 @@ def muon(
     K. Jordan et al., Muon: An optimizer for hidden layers in neural networks,
     2024, https://kellerjordan.github.io/posts/muon/
   """
-  name = "orthax.muon"
-  return _with_adamw(
-      lambda dims: _descent(optax.chain(
-          momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
-          orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
-                        compute_dtype=compute_dtype, gram=gram,
-                        mesh=mesh, mesh_axis=mesh_axis,
-                        dimension_numbers=dims),
-          scale_by_shape(shape_scale, dimension_numbers=dims),
-      ), learning_rate=learning_rate, weight_decay=weight_decay,
-          weight_decay_mask=weight_decay_mask, name=name),
-      name=name, learning_rate=learning_rate, model=model, routing=routing,
-      overrides=overrides,
-      adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype)
+  return _orthogonalized("orthax.muon", learning_rate, shared)
 
 
-@_shared_docs
-def normuon(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    beta: float = 0.95,
-    beta2: float = 0.95,
-    neuron_eps: float = 1e-10,
-    neuron_axis: str = "output",
-    nesterov: bool = True,
-    mu_dtype=None,
-    coeffs: str | Any = "polar_express",
-    steps: int | None = None,
-    gram: bool | str = "auto",
-    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-    mesh_axis: str | None = None,
-    eps: float = 1e-7,
-    compute_dtype=None,
-    shape_scale: str = "muon",
-    weight_decay: float = 0.01,
-    weight_decay_mask: Any = None,
-    model: Any = None,
-    routing: routing_lib.RoutingSpec = None,
-    overrides: Mapping[str, Any] | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
-) -> optax.GradientTransformation:
+@_ready(*_MUON_FAMILY)
+def normuon(learning_rate: optax.ScalarOrSchedule, *, beta2: float = 0.95,
+            neuron_eps: float = 1e-10, neuron_axis: str = "output",
+            shared: types.SimpleNamespace) -> optax.GradientTransformation:
   """NorMuon: Muon with per-neuron normalization, AdamW for the rest.
 
   Hidden matrices get ``momentum -> orthogonalize -> neuron_normalize ->
@@ -352,7 +505,8 @@ def normuon(
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is an
-    ``optax.partition``'s.
+    ``optax.partition``'s (with ``lr_multipliers``, a chain of it and
+    :func:`orthax.scale_by_multipliers`' empty state).
 {raises}
   Example:
     >>> import jax.numpy as jnp, orthax
@@ -364,27 +518,13 @@ def normuon(
     Z. Li et al., NorMuon: Making Muon more efficient and scalable, 2025,
     arXiv:2510.05491
   """
-  name = "orthax.normuon"
-  return _with_adamw(
-      lambda dims: _descent(optax.chain(
-          momentum(beta, nesterov=nesterov, mu_dtype=mu_dtype),
-          orthogonalize(coeffs=coeffs, steps=steps, eps=eps,
-                        compute_dtype=compute_dtype, gram=gram,
-                        mesh=mesh, mesh_axis=mesh_axis,
-                        dimension_numbers=dims),
-          neuron_normalize(beta2, neuron_eps, axis=neuron_axis,
-                           dimension_numbers=dims),
-          scale_by_shape(shape_scale, dimension_numbers=dims),
-      ), learning_rate=learning_rate, weight_decay=weight_decay,
-          weight_decay_mask=weight_decay_mask, name=name),
-      name=name, learning_rate=learning_rate, model=model, routing=routing,
-      overrides=overrides,
-      adam_learning_rate=adam_learning_rate, adam_b1=adam_b1, adam_b2=adam_b2,
-      adam_eps=adam_eps, adam_weight_decay=adam_weight_decay,
-      mu_dtype=mu_dtype)
+  return _orthogonalized(
+      "orthax.normuon", learning_rate, shared,
+      lambda dims: neuron_normalize(beta2, neuron_eps, axis=neuron_axis,
+                                    dimension_numbers=dims))
 
 
-@_shared_docs
+@_ready(_ROUTING_ARGS, _ADAMW_ARGS)
 def pion(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -399,21 +539,15 @@ def pion(
     restore_every: int | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     mesh_axis: str | None = None,
-    model: Any = None,
-    routing: routing_lib.RoutingSpec = None,
-    overrides: Mapping[str, Any] | None = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
+    shared: types.SimpleNamespace,
 ) -> optax.GradientTransformation:
   """Pion: spectrum-preserving rotations for hidden matrices, AdamW for the rest.
 
   Hidden matrices (routed as by :func:`orthax.muon`) are updated by
-  :func:`orthax.spectrum_preserving_rotate` (no weight decay: it would change
-  the spectrum that Pion keeps); every other leaf by :func:`optax.adamw`.
-  ``update`` needs the params.
+  :func:`orthax.spectrum_preserving_rotate` (no weight decay and no
+  learning-rate multipliers: either would change the spectrum that Pion
+  keeps); every other leaf by :func:`optax.adamw`. ``update`` needs the
+  params.
 
   Args:
     learning_rate: Pion's step size (float or schedule); the first-order
@@ -429,11 +563,7 @@ def pion(
       16-bit params.
     mesh, mesh_axis: sharded rotation, each device whole matrices for its
       share of the FSDP-sharded parameters, with one exchange each way
-      (:func:`orthax.spectrum_preserving_rotate`).
-{routing_args}
-    adam_learning_rate: AdamW's learning rate; ``None`` uses
-      ``learning_rate``.
-    adam_b1, adam_b2, adam_eps, adam_weight_decay: AdamW's settings.
+      (:func:`orthax.spectrum_preserving_rotate`).{shared_args}
 
   Returns:
     An :class:`optax.GradientTransformation` (an ``optax.partition``).
@@ -456,10 +586,7 @@ def pion(
           moments_dtype=moments_dtype,
           restore_every=restore_every, dimension_numbers=dims,
           mesh=mesh, mesh_axis=mesh_axis),
-      name="orthax.pion", learning_rate=learning_rate, model=model,
-      routing=routing, overrides=overrides,
+      name="orthax.pion", learning_rate=learning_rate, mu_dtype=None,
       state_entries=functools.partial(state_entries, sides=sides,
                                       restore_every=restore_every),
-      adam_learning_rate=adam_learning_rate,
-      adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-      adam_weight_decay=adam_weight_decay, mu_dtype=None)
+      **_values(shared, _ROUTING_ARGS, _ADAMW_ARGS))

@@ -26,14 +26,15 @@ POLAR_EXPRESS_MARGIN = 1.02
 
 
 def newton_schulz(g: np.ndarray, coeffs, *, margin: float = 1.0,
-                  eps: float = 1e-7) -> np.ndarray:
-  """Jordan's Muon iteration (any per-step table) on one matrix, in float64."""
+                  eps: float = 1e-7,
+                  preconditioning: str = "frobenius") -> np.ndarray:
+  """Jordan's Muon iteration (any per-step table) on one matrix, in float64,
+  after :func:`precondition` (Frobenius by default)."""
   x = np.asarray(g, np.float64)
   tall = x.shape[0] > x.shape[1]
   if tall:
     x = x.T
-  # orthax's eps is relative to the largest entry (scale-invariant update)
-  x = x / (margin * np.sqrt(np.sum(x * x)) + eps * np.max(np.abs(x)))
+  x = precondition(x, preconditioning, margin=margin, eps=eps)
   for a, b, c in coeffs:
     gram = x @ x.T
     x = a * x + (b * gram + c * gram @ gram) @ x
@@ -150,3 +151,75 @@ def pion_run(w, grads_per_step, *, lr, b1=0.9, b2=0.999, eps=1e-8,
       w = w @ rotation(a["r"], h)
     history.append(w)
   return history
+
+
+def precondition(g: np.ndarray, kind: str = "frobenius", *,
+                 margin: float = 1.0, eps: float = 1e-7) -> np.ndarray:
+  """One matrix scaled before Newton–Schulz, in float64.
+
+  The matrix is first divided by its largest entry, so ``eps`` is relative
+  to it (orthax's scale-invariant convention). Then ``"frobenius"``,
+  ``"spectral"`` and ``"schatten"`` divide by ``margin * N + eps`` with
+  ``N`` the Frobenius, spectral or Schatten-4 norm, all three taken here from
+  the singular values ``s`` (``sqrt(sum s^2)``, ``max s``, ``(sum s^4)^(1/4)``,
+  Grishina et al. 2025, arXiv:2506.10935). ``"aol"`` scales row ``i`` of the
+  wide orientation (the columns of a tall matrix) by ``1 / (margin *
+  sqrt(sum_j |(X X^T)_ij|) + eps)`` (Prach & Lampert's almost-orthogonal
+  layer bound, Turbo-Muon, Boissin et al. 2025, arXiv:2512.04632); a zero
+  row, and a zero matrix, stay zero for any ``eps >= 0``.
+  """
+  x = np.asarray(g, np.float64)
+  peak = np.max(np.abs(x), initial=0.0)
+  if peak == 0:
+    return x.copy()
+  x = x / peak
+  if kind == "aol":
+    tall = x.shape[0] > x.shape[1]
+    w = x.T if tall else x
+    row = np.sqrt(np.sum(np.abs(w @ w.T), axis=1))
+    safe = np.where(row == 0, 1.0, row)
+    d = np.where(row == 0, 0.0, 1.0 / (margin * safe + eps))
+    w = d[:, None] * w
+    return w.T if tall else w
+  s = np.linalg.svd(x, compute_uv=False)
+  norms = {"frobenius": np.sqrt(np.sum(s**2)), "spectral": np.max(s),
+           "schatten": np.sum(s**4) ** 0.25}
+  return x / (margin * norms[kind] + eps)
+
+
+def newton_schulz_error_bound(m: np.ndarray, coeffs, *, u: float,
+                              margin: float = 1.0,
+                              preconditioning: str = "frobenius",
+                              start: float = 0.0) -> tuple[float, float]:
+  """First-order bound on the Frobenius error of one evaluation of the plain
+  Newton–Schulz steps on ``m`` in a float of unit roundoff ``u`` (by orthax or
+  by a reference that forms ``A = X X^T``, ``B = b A + c A^2``, ``a X + B
+  X``); and the exact result's Frobenius norm.
+
+  Start: the preconditioned ``X_0`` within ``(size + 2) u + start``
+  relative (its norm or row sums are sums of at most ``size`` terms, then a
+  square root and a divide; ``start``: what the caller's input carries). A
+  step's longest chain of roundings is the reductions of lengths cols (A),
+  rows (A^2) and rows (BX) plus 3 (c A^2, its sum with bA, the sum with aX),
+  so its result is componentwise within ``K u``, ``K = cols + 2 rows + 3``,
+  of the same polynomial in ``|X|`` (Higham, Accuracy and Stability, 3.5).
+  An error ``e`` already in ``X`` grows to at most ``L e``, ``L = max |f'|``
+  on ``[0, ||X||_2]``: the step acts on the singular values, and the divided
+  differences that bound the odd quintic's Fréchet derivative are bounded
+  by ``|f'|``. The iterates are the exact (float64) ones.
+  """
+  x = np.asarray(m, np.float64)
+  x = x.T if x.shape[0] > x.shape[1] else x
+  rows, cols = x.shape
+  x = precondition(x, preconditioning, margin=margin, eps=0.0)
+  err = ((x.size + 2) * u + start) * np.linalg.norm(x)
+  for a, b, c in coeffs:
+    ax = np.abs(x)
+    gram = ax @ ax.T
+    poly = abs(a) * ax + abs(b) * gram @ ax + abs(c) * gram @ gram @ ax
+    sigma = np.linspace(0.0, np.linalg.norm(x, 2), 4001)
+    slope = np.abs(a + 3 * b * sigma ** 2 + 5 * c * sigma ** 4).max()
+    err = slope * err + (cols + 2 * rows + 3) * u * np.linalg.norm(poly)
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return err, np.linalg.norm(x)

@@ -31,6 +31,11 @@ def test_orthogonalize_benchmark_quick(tmp_path):
   by = {r["method"]: r for r in rows}
   # quality is a measurement, checked against what each method must reach
   assert by["orthax svd"]["quality"] < 1e-4
+  # vs polar: a float32 SVD is backward stable (||dG|| <= c u ||G||, c ~ 100
+  # for these 128-long reductions) and the polar factor moves by at most
+  # 2 ||dG|| / s_min (s_min = 1/32 here): relative to ||U V^T||_F = sqrt(32),
+  # 2 * 32 * 100 * 6e-8 * ||G||_F (1.27) / 5.66 = 8.6e-5.
+  assert by["orthax svd"]["vs_polar"] < 1e-4
   # the same iteration as optax's: the same quality, on either path
   for m in ("orthax muon", "orthax muon, gram auto"):
     assert abs(by[m]["quality"] - by["optax scan"]["quality"]) < 1e-3
@@ -50,6 +55,33 @@ def test_set_flops():
   # Gram, restart after 2: two segments of 4*2*2*3 for G and Q X, plus
   # (8*2-6) and (8*3-6) times 2**3 for the 2- and 3-step segments
   assert bench.set_flops([(3, 2)], gram=True) == 2 * 48 + (10 + 18) * 8
+
+
+def test_coefficient_design_quick(tmp_path):
+  """benchmarks/coefficient_design.py --quick runs and writes its JSON, and
+  its greedy design is the minimax one: each step's image is centred on 1,
+  the design without the safety measures is never worse on its interval, and
+  on Polar Express's interval it does at least as well as the published
+  table."""
+  from orthax.polar import PRESETS
+  bench = _load("coefficient_design")
+  out = tmp_path / "c.json"
+  result = bench.main(["--quick", "--out", str(out)])
+  assert json.loads(out.read_text())["rows"] == result["rows"]
+  # The LP solves on a grid; between grid points (log spacing ratio
+  # 1e3^(1/4000)) a quintic's extremum is missed by h^2 |p''| / 8 < 1e-6.
+  lo, hi = bench.image(bench.minimax_quintic(0.01, 1.0, 4000), 0.01, 1.0)
+  assert abs(lo + hi - 2) < 1e-4
+  by = {(r["design"], r["steps"]): r for r in result["rows"]}
+  for kind in ("frobenius", "schatten", "aol"):
+    for steps in (4, 5):
+      safe = by[f"{kind} greedy", steps]["band_error"]
+      assert by[f"{kind} greedy, unsafe", steps]["band_error"] <= safe + 1e-4
+  preset = PRESETS["polar_express"]
+  table, _ = bench.greedy_design(*preset.interval, 5)
+  lo, hi = bench.band(table, *preset.interval)
+  p_lo, p_hi = bench.band(preset.coeffs, *preset.interval)
+  assert max(1 - lo, hi - 1) <= max(1 - p_lo, p_hi - 1)
 
 
 def test_step_benchmark_quick(tmp_path):

@@ -18,15 +18,19 @@ __all__ = ["MomentumState", "momentum"]
 class MomentumState(NamedTuple):
   """State of :func:`momentum`.
 
+  The fields are in the order of ``optax.contrib.MuonState`` (``count``,
+  ``mu``), so code that reads optax's Muon state by position reads this one
+  alike (:func:`orthax.contrib.muon`).
+
   Attributes:
-    mu: the exponential moving average of the gradients, like the params.
     count: steps taken (int32 scalar, saturating at its maximum) with
       ``bias_correction``; ``None`` without it (the state is then ``mu``
       alone).
+    mu: the exponential moving average of the gradients, like the params.
   """
 
+  count: jax.Array | None
   mu: optax.Updates
-  count: jax.Array | None = None
 
 
 def momentum(beta: float = 0.95, *, nesterov: bool = True,
