@@ -177,7 +177,11 @@ def muon(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`, an ``optax.partition``
-    of the matrices and the AdamW leaves.
+    of the matrices and the AdamW leaves under optax's labels (``"muon"``,
+    ``"adam"``), with the momentum state first in the matrices' chain as in
+    optax (``state.inner_states["muon"].inner_state[0].mu``); the chains
+    behind them are orthax's, so a checkpoint of one is not a checkpoint of
+    the other.
 
   Raises:
     ValueError: an unknown preset or preconditioning, a coefficient table
@@ -249,5 +253,5 @@ def muon(
       adam_learning_rate=adam_learning_rate, adam_b1=adam_b1,
       adam_b2=adam_b2, adam_eps=eps, adam_eps_root=adam_eps_root,
       adam_weight_decay=adam_weight_decay, adam_nesterov=nesterov,
-      mu_dtype=mu_dtype)
+      mu_dtype=mu_dtype, labels=("muon", "adam"))
 

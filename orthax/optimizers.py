@@ -122,6 +122,7 @@ def _with_adamw(
     adam_eps_root: float = 0.0, adam_nesterov: bool = False,
     lr_multipliers: Any = None,
     state_entries: Callable[[MatrixView], int] | None = None,
+    labels: tuple[str, str] = (MATRIX, ADAMW),
 ) -> optax.GradientTransformationExtraArgs:
   """Routes hidden matrices to ``make_matrices(dimension_numbers)`` and every
   other leaf to AdamW (NAdamW with ``adam_nesterov``), by
@@ -139,6 +140,9 @@ def _with_adamw(
   leaves), and a factor after the learning rate gives the same step as one
   before it (``f * (lr * u)`` and ``lr * (f * u)`` differ by one rounding),
   decay included. ``None`` adds no stage, so the state is the partition's.
+
+  ``labels`` name the partition's two branches in the state (matrices,
+  AdamW): :func:`orthax.contrib.muon` uses optax's ``("muon", "adam")``.
   """
   check = functools.partial(check_hyperparameter, name)
   adamw = _float16_in_float32(optax.adamw(
@@ -168,11 +172,12 @@ def _with_adamw(
       decided[key] = routes
     else:
       routes = decided.get(key, routes)
+    label = dict(zip((MATRIX, ADAMW), labels))
     inner = optax.partition(
-        {MATRIX: make_matrices(treedef.unflatten(
+        {label[MATRIX]: make_matrices(treedef.unflatten(
             [r.dimension_numbers for r in routes])),
-         ADAMW: adamw},
-        treedef.unflatten([r.kind for r in routes]))
+         label[ADAMW]: adamw},
+        treedef.unflatten([label[r.kind] for r in routes]))
     return inner, (routes, paths, shapes)
 
   def init_fn(params):
@@ -406,8 +411,8 @@ def _orthogonalized(
   stages -> scale_by_shape -> decay -> scale_by_learning_rate``, each
   stage built from the matrices' dimension numbers; the other leaves AdamW.
 
-  ``shared`` holds the values of every group but ``_ROUTING_ARGS`` and
-  ``_ADAMW_ARGS``'s, which go to :func:`_with_adamw` as they are.
+  ``shared`` holds the values of ``_MUON_FAMILY``'s groups (:func:`_ready`);
+  the routing and AdamW ones go to :func:`_with_adamw` unchanged.
   """
   s = shared
   weight_decay = check_hyperparameter(name, "weight_decay", s.weight_decay,

@@ -21,6 +21,8 @@ relative to each leaf's largest entry, the issue's figure, 5x above that.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -270,3 +272,14 @@ def test_orthax_additions_by_keyword():
     want, state = hand.update({"k": grads["layer"]["kernel"]}, state)
     np.testing.assert_allclose(u["layer"]["kernel"], want["k"], rtol=0,
                                atol=1e-6)
+
+
+def test_optax_own_suite():
+  """optax's own Muon tests with only the import changed (tests/optax_suite.py,
+  in a subprocess: it patches optax's module): every real-valued case passes,
+  the state included (optax's branch labels, momentum first)."""
+  script = __file__.replace("test_contrib.py", "optax_suite.py")
+  run = subprocess.run([sys.executable, script], capture_output=True,
+                       text=True, timeout=900)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert "failed (all complex-valued)" in run.stdout, run.stdout
