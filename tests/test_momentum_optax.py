@@ -19,6 +19,7 @@ import optax.contrib._muon as optax_muon
 import pytest
 
 import orthax
+import reference
 
 U = 2.0 ** -24  # float32 unit roundoff
 JORDAN = (3.4445, -4.7750, 2.0315)  # optax's default ns_coeffs
@@ -254,36 +255,12 @@ def _orthax_muon(lr, beta, wd, bias_correction):
 
 def _ns_error_bound(m, eps):
   """First-order bound on ||fl(NS(m)) - NS(m)||_F for Jordan's five steps in
-  float32, by either implementation (both form A = XX^T, B = bA + cA^2, then
-  aX + BX), evaluated on the exact (float64) iterates; and ||NS(m)||_F.
-
-  Normalization: ||X_0||_F = 1 to (size + 2) u (the sum of squares, sqrt,
-  divide), plus eps / ||m||_F (optax adds eps to the norm). Each step's
-  longest chain of roundings is the reductions of lengths cols (A), rows
-  (A^2) and rows (BX) plus 3 (c A^2, its sum with bA, the sum with aX), so
-  its result is componentwise within gamma_K = K u of the same polynomial
-  in |X| (Higham, Accuracy and Stability, 3.5), K = cols + 2 rows + 3. An
-  error e already in X grows to at most L e, L = max |f'| on
-  [0, ||X||_2]: the step acts on the singular values, and the divided
-  differences of the odd quintic f that bound its Frechet derivative are
-  bounded by |f'|.
+  float32 by either implementation (``reference.newton_schulz_error_bound``,
+  derived there), with optax's absolute ``eps`` added to the norm as a
+  relative error ``eps / ||m||_F`` of the normalized input; and ||NS(m)||_F.
   """
-  a, b, c = JORDAN
-  x = m.T if m.shape[0] > m.shape[1] else m
-  rows, cols = x.shape
-  norm = np.linalg.norm(x)
-  err = (x.size + 2) * U + eps / norm
-  x = x / norm
-  for _ in range(5):
-    ax = np.abs(x)
-    gram = ax @ ax.T
-    poly = abs(a) * ax + abs(b) * gram @ ax + abs(c) * gram @ gram @ ax
-    sigma = np.linspace(0.0, np.linalg.norm(x, 2), 4001)
-    lipschitz = np.abs(a + 3 * b * sigma ** 2 + 5 * c * sigma ** 4).max()
-    err = lipschitz * err + (cols + 2 * rows + 3) * U * np.linalg.norm(poly)
-    gram = x @ x.T
-    x = a * x + (b * gram + c * gram @ gram) @ x
-  return err, np.linalg.norm(x)
+  return reference.newton_schulz_error_bound(
+      m, [JORDAN] * 5, u=U, start=eps / np.linalg.norm(m))
 
 
 def test_end_to_end_as_optax_muon():
