@@ -64,6 +64,9 @@ METHODS = {
     "you, plain": dict(coeffs="you", gram=False),
     "aol": dict(preconditioning="aol"),
     "schatten": dict(preconditioning="schatten"),
+    # the time a 4-step table would take (Polar Express's first 4 rows; no
+    # 4-step table reaches the default's quality: coefficient_design.py)
+    "aol, 4 steps": dict(preconditioning="aol", steps=4),
     "svd": dict(coeffs="svd"),
 }
 MUON_ABC = PRESETS["muon"].coeffs[0]
@@ -155,7 +158,7 @@ def run(set_names, reps: int) -> list[dict]:
           vs_optax_default=t / t_default, vs_optax_scan=t / t_scan,
           vs_matmul=None if svd else t / t_matmul,
           flops=None if svd else set_flops(
-              shapes, gram=kw.get("gram", "auto"),
+              shapes, kw.get("steps", 5), gram=kw.get("gram", "auto"),
               gram_restart=kw.get("gram_restart", 2)) / flops,
           **_accuracy(fn(grads), polar)))
   return rows
