@@ -128,8 +128,12 @@ def orthogonalize(
       norm, from the first step's Gram matrix: free, and tighter than
       Frobenius) or ``"aol"`` (Turbo-Muon's row scaling, free too; it
       orthogonalizes ``D G`` rather than ``G``). ``None``: the preset's own
-      (``"frobenius"`` for every preset but those made for another;
-      ``"frobenius"`` for explicit coefficients).
+      (``"frobenius"`` for every built-in preset and for explicit
+      coefficients). The tighter scalings do not let a step go: on
+      gradients with decaying spectra the kept singular values span about
+      700×, and 4 quintics designed for the interval AOL gives still leave
+      them 0.51 from 1, against the default's 0.14 in 5 (BUILD.md,
+      ``benchmarks/coefficient_design.py``).
     norm_margin: the norm above is multiplied by it, ``>= 1`` in practice
       (room for rounding); ``None``: the preset's own (1.02 for
       ``"polar_express"``, the input margin of its paper), 1.0 for explicit
