@@ -303,8 +303,7 @@ def test_scale_invariance(kind):
 # --- the Pallas backend ------------------------------------------------------
 
 
-@pytest.mark.parametrize("gram", [False, True])
-@pytest.mark.parametrize("kind", ["schatten", "aol"])
+@pytest.mark.parametrize("kind,gram", [("schatten", False), ("aol", True)])
 def test_pallas_backend(kind, gram):
   """backend="pallas" (the kernels interpreted on CPU) runs the preconditioner
   on its own Gram product: it and backend="xla" both lie within the path's
