@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from scipy.optimize import brentq, linprog
 
-from harness import write_json
+from harness import chosen_sets, write_json
 from orthax.polar import PRESETS, newton_schulz
 from orthax.polar.newton_schulz import precondition
 from orthogonalize import (SETS, decaying_gradients, polar_factors, quality,
@@ -272,10 +272,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", type=Path,
                       default=Path("runs/bench/coefficient_design.json"))
   args = parser.parse_args(argv)
-  sets = ["quick"] if args.quick else args.sets.split(",")
-  unknown = sorted(set(sets) - set(SETS))
-  if unknown:
-    parser.error(f"unknown sets {unknown}; choose from {sorted(SETS)}")
+  sets = chosen_sets(parser, args, SETS)
   result = run(sets, points=500 if args.quick else 4000)
   print_tables(result)
   write_json(args.out, result["rows"], landings=result["landings"],

@@ -29,3 +29,14 @@ def write_json(path: Path, rows: list[dict], **meta) -> None:
       jax=jax.__version__, devices=[str(d) for d in jax.devices()], **meta,
       rows=rows), indent=1))
   print(f"wrote {path}")
+
+
+def chosen_sets(parser, args, known) -> list[str]:
+  """The shape sets a benchmark runs: ``["quick"]`` under ``--quick``, else
+  the comma-separated ``--sets``, each checked against ``known`` (an unknown
+  name stops with argparse's error, listing the known ones)."""
+  sets = ["quick"] if args.quick else args.sets.split(",")
+  unknown = sorted(set(sets) - set(known))
+  if unknown:
+    parser.error(f"unknown sets {unknown}; choose from {sorted(known)}")
+  return sets

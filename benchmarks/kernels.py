@@ -34,7 +34,7 @@ import numpy as np
 import orthax
 from orthax.polar.newton_schulz import newton_schulz_flops
 
-from harness import median_seconds, write_json
+from harness import chosen_sets, median_seconds, write_json
 from orthogonalize import decaying_gradients
 
 SETS = {
@@ -119,10 +119,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", type=Path,
                       default=Path("runs/bench/kernels.json"))
   args = parser.parse_args(argv)
-  sets = ["quick"] if args.quick else args.sets.split(",")
-  unknown = sorted(set(sets) - set(SETS))
-  if unknown:
-    parser.error(f"unknown sets {unknown}; choose from {sorted(SETS)}")
+  sets = chosen_sets(parser, args, SETS)
   device = jax.devices()[0]
   interpreted = jax.default_backend() not in ("gpu", "tpu")
   if interpreted and not args.quick:

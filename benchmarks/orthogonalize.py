@@ -42,7 +42,7 @@ import numpy as np
 from optax.contrib import _muon as optax_muon
 
 import orthax
-from harness import median_seconds, write_json
+from harness import chosen_sets, median_seconds, write_json
 from orthax.polar import PRESETS
 from orthax.polar.newton_schulz import newton_schulz_flops
 
@@ -187,10 +187,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--out", type=Path,
                       default=Path("runs/bench/orthogonalize.json"))
   args = parser.parse_args(argv)
-  sets = ["quick"] if args.quick else args.sets.split(",")
-  unknown = sorted(set(sets) - set(SETS))
-  if unknown:
-    parser.error(f"unknown sets {unknown}; choose from {sorted(SETS)}")
+  sets = chosen_sets(parser, args, SETS)
   rows = run(sets, 1 if args.quick else args.reps)
   print_table(rows)
   write_json(args.out, rows)
