@@ -162,6 +162,7 @@ def _with_adamw(
   # counts when update is given plain arrays (MaxText-style: boxed params at
   # init, unboxed in the train step).
   decided: dict[tuple, list[routing_lib.Route]] = {}
+  label = dict(zip((MATRIX, ADAMW), labels))
 
   def routed(tree, *, at_init: bool):
     routes, paths, shapes, treedef = routing_lib.routes_flat(
@@ -172,7 +173,6 @@ def _with_adamw(
       decided[key] = routes
     else:
       routes = decided.get(key, routes)
-    label = dict(zip((MATRIX, ADAMW), labels))
     inner = optax.partition(
         {label[MATRIX]: make_matrices(treedef.unflatten(
             [r.dimension_numbers for r in routes])),
