@@ -31,6 +31,14 @@ Sources, cited per setting below:
   by a cosine to 1e-5 with no warmup, Pion and Adam betas 0.9/0.95, rms 0.2,
   clipping at 1 (its 1.3B script uses lr 5e-4). No GPT-2-size Pion recipe was
   found; these are from the nearest published model.
+[namo] minxin-zhg/namo, src/hydra_configs/optim/namo.yaml and namo-d.yaml
+  (GPT-2 small runs; the AdamW part uses the same rate, betas 0.9/0.95).
+[adamuon] Chongjie-Si/AdaMuon, gpt2/models/train.py (AdamW-matched rate).
+[root] huawei-noah/noah-research, ROOT/examples/example_train.py (a 16-layer
+  toy Llama; no GPT-2 run was published).
+[auon] ryyzn9/AuON: paper v1 table settings (AuON) and training/config.py
+  (HybridAuON). None of these ran GPT-2 small for 10B tokens; treat them as
+  starting points, not tuned values.
 """
 
 import ml_collections
@@ -97,5 +105,28 @@ def get_config() -> ml_collections.ConfigDict:
           adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, adam_weight_decay=0.0,
           warmup_frac=0.0, cooldown_frac=1.0, decay="cosine",
           end_lr_frac=0.01, grad_clip=1.0),
+      # The adaptive family ([namo], [adamuon], [root], [auon]): each
+      # method's published rate and decay where it has a GPT-2-size run,
+      # the [modded] AdamW part and schedule like Muon's otherwise.
+      namo=dict(  # [namo] optim/namo.yaml: lr 0.012 for both parts
+          learning_rate=0.012, momentum=0.95, weight_decay=0.1,
+          **{**modded_adam, "adam_learning_rate": 0.012, "adam_b1": 0.9},
+          **modded_schedule),
+      namo_d=dict(  # [namo] optim/namo-d.yaml: lr 0.009, clamp 0.01
+          learning_rate=0.009, momentum=0.95, weight_decay=0.1, clamp=0.01,
+          **{**modded_adam, "adam_learning_rate": 0.009, "adam_b1": 0.9},
+          **modded_schedule),
+      adamuon=dict(  # [adamuon] gpt2/models/train.py: lr 6e-4, decay 0.1
+          learning_rate=6e-4, momentum=0.95, weight_decay=0.1,
+          **modded_adam, **modded_schedule),
+      root=dict(  # [root] example_train.py: lr 1e-3, decay 0.1 (toy run)
+          learning_rate=1e-3, momentum=0.95, weight_decay=0.1,
+          **modded_adam, **modded_schedule),
+      auon=dict(  # [auon] paper v1: lr 0.055, no decay
+          learning_rate=0.055, momentum=0.95, weight_decay=0.0,
+          **modded_adam, **modded_schedule),
+      hybrid_auon=dict(  # [auon] training/config.py: lr 0.08, decay 0.01
+          learning_rate=0.08, momentum=0.95, weight_decay=0.01,
+          **modded_adam, **modded_schedule),
   ))
   return config

@@ -83,5 +83,19 @@ def get_config() -> ml_collections.ConfigDict:
       normuon=dict(learning_rate=0.02, momentum=0.95, beta2=0.95,
                    weight_decay=0.0, **adam, **schedule),
       pion=dict(learning_rate=0.005, b1=0.9, b2=0.999, **adam, **schedule),
+      # The adaptive family: the methods' own defaults but for the rate
+      # (swept, above) and no weight decay, like the others here.
+      namo=dict(learning_rate=0.02, momentum=0.95, weight_decay=0.0,
+                **adam, **schedule),
+      namo_d=dict(learning_rate=0.02, momentum=0.95, weight_decay=0.0,
+                  **adam, **schedule),
+      adamuon=dict(learning_rate=0.01, momentum=0.95, weight_decay=0.0,
+                   **adam, **schedule),
+      root=dict(learning_rate=0.01, momentum=0.95, weight_decay=0.0,
+                **adam, **schedule),
+      auon=dict(learning_rate=0.2, momentum=0.95, weight_decay=0.0,
+                **adam, **schedule),
+      hybrid_auon=dict(learning_rate=0.04, momentum=0.95, weight_decay=0.0,
+                       **adam, **schedule),
   ))
   return config

@@ -141,7 +141,19 @@ __all__ = [
     "train",
 ]
 
-OPTIMIZERS = ("adamw", "muon", "normuon", "pion")
+# The orthax ready optimizers the example trains, by name; AdamW is optax's.
+_READY = {name: getattr(orthax, name) for name in (
+    "muon", "normuon", "pion", "namo", "namo_d", "adamuon", "root", "auon",
+    "hybrid_auon")}
+OPTIMIZERS = ("adamw", *_READY)
+# The methods that orthogonalize take the mesh (each device orthogonalizes
+# whole matrices for its share); Pion's sharded rotation is left out, as
+# before, and AuON has no matrix-wide step to shard.
+_SHARDED = frozenset(_READY) - {"pion", "auon"}
+# config.optimizer.<name> keys that shape the schedule rather than being the
+# optimizer's keywords.
+_SCHEDULE_KEYS = ("learning_rate", "adam_learning_rate", "warmup_frac",
+                  "cooldown_frac", "decay", "end_lr_frac", "grad_clip")
 # Mesh axes: the batch is split over both, parameters over "fsdp".
 MESH_AXES = ("data", "fsdp")
 
@@ -213,6 +225,8 @@ _OPTIMIZER_SETTINGS = {
                     dict(low=0)),
     **dict.fromkeys(("warmup_frac", "cooldown_frac", "end_lr_frac"),
                     dict(low=0, high=1)),
+    **dict.fromkeys(("clamp", "quantile"), dict(low=0, high=1, low_open=True)),
+    "gamma": _POSITIVE,
 }
 _DECAYS = ("cosine", "linear")
 # With the model and the optimizer's own settings, the fields that fix a
@@ -623,10 +637,12 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict,
 
   ``config.optimizer.<name>`` holds each method's settings (the configs cite
   their sources); ``config.optimizer.learning_rate``, when set, replaces the
-  peak learning rate of every method (the hidden matrices' for Muon, NorMuon
-  and Pion), for sweeps. AdamW decays only the leaves with two or more axes
-  (llm.c's and nanoGPT's rule). Muon, NorMuon and Pion give the other leaves
-  to AdamW with the ``adam_*`` settings and the same schedule shape.
+  peak learning rate of every method (the hidden matrices' for the orthax
+  methods), for sweeps. AdamW decays only the leaves with two or more axes
+  (llm.c's and nanoGPT's rule). The orthax methods take their settings as
+  their keywords (``momentum`` is ``beta``; unset ones keep the method's
+  defaults) and give the other leaves to AdamW with the ``adam_*`` settings
+  and the same schedule shape.
 
   Args:
     name: one of :data:`OPTIMIZERS`.
@@ -650,25 +666,19 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict,
                      weight_decay=hp.weight_decay,
                      mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
   else:
-    # model: its NNX modules decide each leaf's route (orthax.route)
-    common = dict(model=model,
-                  adam_learning_rate=make_schedule(hp.adam_learning_rate, hp,
-                                                   config.steps),
-                  adam_b1=hp.adam_b1, adam_b2=hp.adam_b2,
-                  adam_eps=hp.adam_eps,
-                  adam_weight_decay=hp.adam_weight_decay)
-    # Each device orthogonalizes whole matrices for its share of the
-    # FSDP-sharded ones (two all_to_alls per step, orthax.sharded); with an
-    # fsdp axis of size 1 this is the plain unsharded path.
-    sharded = dict(mesh=mesh, mesh_axis="fsdp")
-    if name == "muon":
-      tx = orthax.muon(lr, beta=hp.momentum, weight_decay=hp.weight_decay,
-                       **sharded, **common)
-    elif name == "normuon":
-      tx = orthax.normuon(lr, beta=hp.momentum, beta2=hp.beta2,
-                          weight_decay=hp.weight_decay, **sharded, **common)
-    else:
-      tx = orthax.pion(lr, b1=hp.b1, b2=hp.b2, **common)
+    # The method's own settings are its orthax keywords ("momentum" is
+    # beta); model: its NNX modules decide each leaf's route (orthax.route).
+    kwargs = {("beta" if k == "momentum" else k): v for k, v in hp.items()
+              if k not in _SCHEDULE_KEYS}
+    if name in _SHARDED:
+      # Each device orthogonalizes whole matrices for its share of the
+      # FSDP-sharded ones (two all_to_alls per step, orthax.sharded); with
+      # an fsdp axis of size 1 this is the plain unsharded path.
+      kwargs.update(mesh=mesh, mesh_axis="fsdp")
+    tx = _READY[name](
+        lr, model=model,
+        adam_learning_rate=make_schedule(hp.adam_learning_rate, hp,
+                                         config.steps), **kwargs)
   if hp.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(hp.grad_clip), tx)
   return tx

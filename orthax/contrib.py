@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from orthax import routing as routing_lib
-from orthax.optimizers import _with_adamw
+from orthax._ready import _with_adamw
 from orthax.polar.coefficients import PRESETS
 from orthax.transforms.momentum import momentum
 from orthax.transforms.neuron_normalize import neuron_normalize

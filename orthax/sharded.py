@@ -767,7 +767,8 @@ def sharded_map(compute: Callable[[list], list],
 def sharded_polar(polar: Callable[[jax.Array], jax.Array],
                   local: Callable[[list[MatrixView], list[jax.Array]], list],
                   views: list[MatrixView], leaves: list[jax.Array], mesh,
-                  axis: str, *, steps: int, gram, gram_restart) -> list:
+                  axis: str, *, steps: int, gram, gram_restart,
+                  pad: bool = True) -> list:
   """Orthogonalizes every leaf, each device whole matrices for its share.
 
   Args:
@@ -780,6 +781,9 @@ def sharded_polar(polar: Callable[[jax.Array], jax.Array],
     axis: the mesh axis that shards the parameters.
     steps, gram, gram_restart: the iteration's settings (for the plan's
       costs).
+    pad: a smaller matrix may be zero-padded into a larger one's slot; not
+      where ``polar`` depends on the matrices' shape (coefficients keyed by
+      shape).
 
   Returns:
     The results, in the leaves' original shardings.
@@ -789,7 +793,7 @@ def sharded_polar(polar: Callable[[jax.Array], jax.Array],
       lambda vs, xs: [(y,) for y in local([v[0] for v in vs],
                                           [x[0] for x in xs])],
       [(v,) for v in views], [(x,) for x in leaves], mesh, axis,
-      outputs=(0,), wide=True, pad=True,
+      outputs=(0,), wide=True, pad=pad,
       cost=lambda s: newton_schulz_flops(*s[0], steps, gram=gram,
                                          gram_restart=gram_restart))
   return [y[0] for y in out]

@@ -41,6 +41,12 @@ def newton_schulz(g: np.ndarray, coeffs, *, margin: float = 1.0,
   return x.T if tall else x
 
 
+def exact_polar(x: np.ndarray) -> np.ndarray:
+  """``U V^T`` of ``x = U S V^T`` in float64 (a zero matrix gives zero)."""
+  u, s, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+  return (u * (s > 0)) @ vt
+
+
 def _run(params, grads_per_step, *, lr, beta, weight_decay, nesterov, steps,
          coeffs, margin, normalize=None):
   """Muon's loop; ``normalize(i, O)`` is an optional stage after the polar step."""
@@ -223,3 +229,270 @@ def newton_schulz_error_bound(m: np.ndarray, coeffs, *, u: float,
     gram = x @ x.T
     x = a * x + (b * gram + c * gram @ gram) @ x
   return err, np.linalg.norm(x)
+
+
+# --- AdaMuon and AuON / Hybrid-AuON (issue 14) ---
+def _steps_run(step, params, grads_per_step, aux=None, **kw):
+  """``step(w, g, state, **kw) -> (w, state, extra)`` on a list of 2-D
+  matrices over several steps; returns the list of parameters after every
+  step (and appends each step's list of ``extra`` to ``aux`` if given)."""
+  params = [np.asarray(p, np.float64) for p in params]
+  states = [None] * len(params)
+  history = []
+  for grads in grads_per_step:
+    extras = []
+    for i, g in enumerate(grads):
+      params[i], states[i], extra = step(params[i], g, states[i], **kw)
+      extras.append(extra)
+    history.append(list(params))
+    if aux is not None:
+      aux.append(extras)
+  return history
+
+
+def _nesterov(g, state, beta):
+  """EMA momentum ``m <- beta m + (1 - beta) g`` (torch's ``m.lerp_(g, 1 -
+  beta)``) and the Nesterov input ``beta m + (1 - beta) g`` (``g.lerp_(m,
+  beta)``); ``state`` is ``None`` at the first step."""
+  g = np.asarray(g, np.float64)
+  m = (0.0 if state is None else state["m"]) * beta + (1 - beta) * g
+  return beta * m + (1 - beta) * g, m
+
+
+def _cosh_rms(z):
+  """``sqrt(mean(cosh(z)**2))``, directly (float64: no overflow below 350)."""
+  return np.sqrt(np.mean(np.cosh(z) ** 2))
+
+
+def adamuon_step(w, g, state, *, lr, beta=0.95, beta2=0.999, eps=1e-8,
+                 weight_decay=0.01, sign=False, coeffs=MUON_ABC, ns_steps=5,
+                 rms=0.2):
+  """One AdaMuon step on one ``(fan_in, fan_out)`` matrix, in float64 (Si,
+  Zhang, Shen 2025, arXiv:2507.11005; github.com/Chongjie-Si/AdaMuon
+  ``adamuon.py``, whose released version has no ``sign``).
+
+  Nesterov EMA momentum ``u``; ``O = NS(sign(u))`` (``sign``) or ``NS(u)``,
+  ``ns_steps`` quintics ``coeffs`` (``None``: the exact polar factor);
+  ``v <- beta2 v + (1 - beta2) O*O``; ``v_hat = v / (1 - beta2^t)``;
+  ``O_hat = O / (sqrt(v_hat) + eps)``; ``U = rms sqrt(mn) O_hat /
+  ||O_hat||_F`` (exactly RMS ``rms``, as on the METHODS page; the official
+  code adds 1e-8 to that norm, a relative change of ``1e-8 /
+  ||O_hat||_F``, and ``||O_hat||_F`` is about ``sqrt(mn)``: ``O_hat`` is
+  ``O / |O|`` up to eps at the first step); ``W <- W (1 - lr wd) - lr U``.
+  ``state``: ``None`` at the first step. Returns ``(W, state, (u, O,
+  v_hat))``.
+  """
+  w = np.asarray(w, np.float64)
+  u, m = _nesterov(g, state, beta)
+  x = np.sign(u) if sign else u
+  o = (exact_polar(x) if coeffs is None
+       else newton_schulz(x, [coeffs] * ns_steps))
+  t = 1 if state is None else state["t"] + 1
+  v = (0.0 if state is None else beta2 * state["v"]) + (1 - beta2) * o * o
+  v_hat = v / (1 - beta2**t)
+  o_hat = o / (np.sqrt(v_hat) + eps)
+  norm = np.linalg.norm(o_hat)
+  update = rms * np.sqrt(o.size) * o_hat / norm if norm > 0 else o_hat
+  state = dict(m=m, v=v, t=t)
+  return w - lr * (update + weight_decay * w), state, (u, o, v_hat)
+
+
+def adamuon_run(params, grads_per_step, *, aux=None, **kw):
+  """:func:`adamuon_step` on a list of 2-D matrices over several steps
+  (``kw`` as there); returns the list of parameters after every step."""
+  return _steps_run(adamuon_step, params, grads_per_step, aux=aux, **kw)
+
+
+def auon_step(w, g, state, *, lr, variant="paper", gamma=None, beta=0.95,
+              weight_decay=0.0):
+  """One AuON step on one ``(fan_in, fan_out)`` matrix, in float64 (D. Maity
+  2025, arXiv:2509.24320; github.com/ryyzn9/AuON).
+
+  ``variant="paper"`` (paper v1 §3.1, script ``Auon_Adam_train.py`` @
+  c87b862; ``gamma`` 1): Nesterov EMA momentum ``u``; ``X = u / (||u||_F +
+  1e-7 max|u|)`` (the official 1e-7 is absolute; orthax's, followed here, is
+  relative to ``max|u|``: the two differ by a factor within 1e-7 of 1 when
+  ``||u||_F >= 1``);
+  ``r = sqrt(mean(cosh(gamma X)^2))``; ``U = sqrt(max(1, fan_out / fan_in))
+  X / (r + 1e-8)``. ``variant="package"`` (``auon/optimizer.py`` @ bba2e82,
+  ``gamma`` 1.5): the same ``r``, ``U = u / (r + 1e-8)``, no shape factor.
+  Both: ``W <- W (1 - lr wd) - lr U`` (the paper has no decay: wd 0).
+  Returns ``(W, state, u)``.
+  """
+  w = np.asarray(w, np.float64)
+  gamma = (1.0 if variant == "paper" else 1.5) if gamma is None else gamma
+  u, m = _nesterov(g, state, beta)
+  x = precondition(u, "frobenius", eps=1e-7)
+  r = _cosh_rms(gamma * x)
+  if variant == "paper":
+    fan_in, fan_out = w.shape
+    update = np.sqrt(max(1.0, fan_out / fan_in)) * x / (r + 1e-8)
+  elif variant == "package":
+    update = u / (r + 1e-8)
+  else:
+    raise ValueError(variant)
+  return w - lr * (update + weight_decay * w), dict(m=m), u
+
+
+def auon_run(params, grads_per_step, *, aux=None, **kw):
+  """:func:`auon_step` on a list of 2-D matrices over several steps (``kw``
+  as there); returns the list of parameters after every step."""
+  return _steps_run(auon_step, params, grads_per_step, aux=aux, **kw)
+
+
+def hybrid_auon_step(w, g, state, *, lr, variant="package", ns_steps=None,
+                     gamma=None, beta=0.95, weight_decay=0.0):
+  """One Hybrid-AuON step on one ``(fan_in, fan_out)`` matrix, in float64.
+
+  Nesterov EMA momentum ``u``; ``X_k`` = ``ns_steps`` of Jordan's quintics
+  on ``u / (||u||_F + 1e-7 max|u|)`` (wide orientation); ``U = X_k / (r +
+  1e-8)``, no shape factor; ``W <- W (1 - lr wd) - lr U``.
+  ``variant="paper"`` (§3.2; ``ns_steps`` 1, ``gamma`` 1): ``r =
+  sqrt(mean(cosh(gamma X_1)^2))`` of the iterate itself (the paper prints
+  ``mean(cosh(X_1)^2)`` without the square root of §3.1: read as §3.1).
+  ``variant="package"`` (``HybridAuON`` @ bba2e82; ``ns_steps`` 5,
+  ``gamma`` 1.5): ``r`` of ``X_5 / (||X_5||_F + 1e-7 max|X_5|)``.
+  Returns ``(W, state, (u, X_k))``.
+  """
+  w = np.asarray(w, np.float64)
+  paper = variant == "paper"
+  if not paper and variant != "package":
+    raise ValueError(variant)
+  ns_steps = (1 if paper else 5) if ns_steps is None else ns_steps
+  gamma = (1.0 if paper else 1.5) if gamma is None else gamma
+  u, m = _nesterov(g, state, beta)
+  x = newton_schulz(u, [MUON_ABC] * ns_steps)
+  y = x if paper else precondition(x, "frobenius", eps=1e-7)
+  update = x / (_cosh_rms(gamma * y) + 1e-8)
+  return w - lr * (update + weight_decay * w), dict(m=m), (u, x)
+
+
+def hybrid_auon_run(params, grads_per_step, *, aux=None, **kw):
+  """:func:`hybrid_auon_step` on a list of 2-D matrices over several steps
+  (``kw`` as there); returns the list of parameters after every step."""
+  return _steps_run(hybrid_auon_step, params, grads_per_step, aux=aux, **kw)
+# --- end AdaMuon and AuON ---
+
+
+# --- NAMO and NAMO-D (issue 14) ---
+def namo_step(w, g, state, *, lr, beta1=0.95, beta2=0.99, eps=1e-8,
+              weight_decay=0.1, nesterov=True, coeffs=MUON_ABC, ns_steps=5,
+              scale=0.2, granularity="matrix", clamp=None):
+  """One NAMO (``granularity="matrix"``) or NAMO-D (``"input"``) step on one
+  ``(fan_in, fan_out)`` matrix, in float64 (Zhang, Liu, Schaeffer 2026,
+  arXiv:2602.17080; github.com/minxin-zhg/namo ``src/namo.py``).
+
+  Written, as the official code is, on the torch-layout ``P = W^T`` (out,
+  in), NAMO-D's statistics being per column of ``P`` (an input feature):
+  ``B <- b1 B + (1 - b1) G``; ``M = b1 B + (1 - b1) G`` (Nesterov) or ``B``;
+  ``v <- b2 v + (1 - b2) ||G||^2`` (NAMO: Frobenius; NAMO-D: each column);
+  ``O = polar(M)`` (``coeffs=None``) or ``ns_steps`` quintics ``coeffs``;
+  ``c = ||M|| / (sqrt(v) + eps)`` (NAMO-D per column, clamped to ``[k mean,
+  mean / k]`` with ``clamp=k`` when the mean is positive); ``r = lr c
+  sqrt(1 - b2^t) / (1 - b1^t + 1e-12)``; ``P <- P (1 - wd min(r, 1))``
+  (NAMO-D: ``max(0, ...)`` per column); ``P <- P - min(r scale sqrt(max(out,
+  in)), 1) O``. ``lr``: a float or a function of ``t - 1``. ``state``:
+  ``None`` at the first step. Returns ``(W, state, (M^T, r))``: the new
+  weights, the state, and the Nesterov input and the rate, in W's layout.
+  """
+  p = np.asarray(w, np.float64).T.copy()
+  grad = np.asarray(g, np.float64).T
+  per_column = granularity == "input"
+  if state is None:
+    state = dict(buf=np.zeros_like(p), t=0,
+                 v=np.zeros(p.shape[1]) if per_column else 0.0)
+  norm = ((lambda x: np.sqrt(np.sum(x * x, axis=0))) if per_column
+          else np.linalg.norm)
+  v = beta2 * state["v"] + (1 - beta2) * norm(grad) ** 2
+  buf = beta1 * state["buf"] + (1 - beta1) * grad
+  m = beta1 * buf + (1 - beta1) * grad if nesterov else buf
+  o = (exact_polar(m) if coeffs is None
+       else newton_schulz(m, [coeffs] * ns_steps))
+  t = state["t"] + 1
+  eta = lr(t - 1) if callable(lr) else lr
+  base = eta * np.sqrt(1 - beta2**t) / (1 - beta1**t + 1e-12)
+  c = norm(m) / (np.sqrt(v) + eps)
+  if per_column and clamp is not None and 0 < clamp <= 1:
+    mean = np.mean(c)
+    if np.isfinite(mean) and mean > 0:
+      c = np.clip(c, clamp * mean, mean / clamp)
+  rate = base * c
+  decay = 1 - weight_decay * np.minimum(rate, 1)
+  if per_column:
+    decay = np.maximum(decay, 0)
+  p = p * decay  # per column (broadcast along rows) or by the scalar
+  p = p - np.minimum(rate * scale * np.sqrt(max(p.shape)), 1) * o
+  return p.T, dict(buf=buf, t=t, v=v), (m.T, rate)
+
+
+def namo_run(params, grads_per_step, **kw):
+  """:func:`namo_step` on a list of 2-D matrices over several steps
+  (``kw`` as there); returns the list of parameters after every step."""
+  return _steps_run(namo_step, params, grads_per_step, **kw)
+# --- end NAMO ---
+
+
+# --- ROOT (issue 14) ---
+# ROOT's quintics by (short side, long side) of the matrix (He et al. 2025,
+# arXiv:2511.20626; noah-research ROOT/examples/example_train.py), each run at
+# every step; any other shape runs MUON_ABC.
+ROOT_TABLE = {
+    (2048, 2048): (3.4916, -4.8224, 2.1095),
+    (2048, 16384): (3.1943, -3.8221, 1.5322),
+    (2048, 3072): (3.4509, -4.5790, 1.9325),
+    (2048, 8192): (2.9794, -3.6674, 1.6207),
+}
+
+
+def root_polar(b: np.ndarray, *, table=ROOT_TABLE, steps: int = 5,
+               eps: float = 1e-7) -> np.ndarray:
+  """ROOT's orthogonalization of one matrix, in float64.
+
+  ``table`` (a dict as ROOT_TABLE): the quintic of ``b``'s (short, long)
+  shape, or MUON_ABC, run ``steps`` times after dividing by ``||b||_F +
+  eps`` (an absolute eps, as ROOT's code); ``None``: the exact polar factor
+  (:func:`exact_polar`, of the NAMO block).
+  """
+  b = np.asarray(b, np.float64)
+  if table is None:
+    return exact_polar(b)
+  abc = table.get((min(b.shape), max(b.shape)), MUON_ABC)
+  # newton_schulz divides by the largest entry p first, then by ||b/p||_F +
+  # eps', which is b / (||b||_F + eps' p): eps' = eps / p is ROOT's division
+  peak = np.max(np.abs(b), initial=0.0)
+  return newton_schulz(b, [abc] * steps, eps=eps / peak if peak else 0.0)
+
+
+def root_run(params, grads_per_step, *, lr, beta=0.95, weight_decay=0.1,
+             nesterov=True, quantile=0.9, quantile_eps=1e-9, ns_steps=5,
+             table=ROOT_TABLE, ns_eps=1e-7, scale=0.2):
+  """ROOT (He et al. 2025) on a list of 2-D matrices over several steps.
+
+  As ``ROOT.step`` in the authors' script, one matrix at a time:
+  ``M <- beta M + G`` (a sum, not an average); ``M^ = G + beta M``
+  (Nesterov) or ``M``; ``tau = quantile(|M^|, q) + quantile_eps`` (NumPy's
+  'linear' method, the script's ``simple_quantile``); the soft threshold
+  ``O = sign(M^) max(|M^| - tau, 0)`` and ``B = M^ - O``; ``U =``
+  :func:`root_polar` ``(B)``; ``W <- W (1 - lr wd) - lr scale
+  sqrt(max(m, n)) U``. Every step is the same on a matrix and its transpose,
+  so torch's ``(out, in)`` layout and this ``(in, out)`` one agree. Returns
+  the list of parameters after every step.
+  """
+  params = [np.asarray(p, np.float64) for p in params]
+  sums = [np.zeros_like(p) for p in params]
+  history = []
+  for grads in grads_per_step:
+    new = []
+    for i, (w, g) in enumerate(zip(params, grads)):
+      g = np.asarray(g, np.float64)
+      sums[i] = beta * sums[i] + g
+      m = g + beta * sums[i] if nesterov else sums[i]
+      tau = np.quantile(np.abs(m), quantile, method="linear") + quantile_eps
+      b = m - np.sign(m) * np.maximum(np.abs(m) - tau, 0.0)
+      u = root_polar(b, table=table, steps=ns_steps, eps=ns_eps)
+      new.append(w * (1 - lr * weight_decay)
+                 - lr * scale * np.sqrt(max(w.shape)) * u)
+    params = new
+    history.append(params)
+  return history
+# --- end ROOT ---

@@ -111,6 +111,42 @@ def test_step_benchmark_routes_like_orthax():
   assert len(matrices) == 4 * bench.MODELS["quick"][3]
 
 
+def test_methods_benchmark_quick(tmp_path, capsys):
+  """benchmarks/methods.py --quick: AdamW and Muon train on one seed; the
+  JSON holds a finite run per method, the summary against Muon and the
+  environment; the table is printed and the plot written."""
+  import math
+  bench = _load("methods")
+  out = tmp_path / "m.json"
+  result = bench.main(["--quick", "--out", str(out)])
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == result["rows"]
+  assert saved["summary"] == result["summary"]
+  assert saved["args"]["methods"] == "adamw,muon" and saved["args"]["seeds"] == 1
+  assert saved["jax"] and saved["devices"] and saved["wall_s"] > 0
+  assert [(r["method"], r["seed"]) for r in saved["rows"]] == [
+      ("adamw", 0), ("muon", 0)]
+  for r in saved["rows"]:
+    assert r["diverged"] is None
+    assert r["eval_steps"] == [0, 2, 4, 5]
+    assert all(math.isfinite(v) for v in r["val_loss"])
+    assert r["final_val_loss"] == r["val_loss"][-1] < r["val_loss"][0]
+    assert r["seconds_per_step"] > 0
+  by = {s["method"]: s for s in saved["summary"]}
+  assert by["muon"]["time_vs_muon"] == 1.0
+  assert by["muon"]["val_loss_minus_muon"] == 0.0
+  adamw = by["adamw"]
+  assert adamw["val_loss_mean"] == saved["rows"][0]["final_val_loss"]
+  assert adamw["val_loss_half_range"] == 0.0 and adamw["diverged"] == 0
+  assert adamw["val_loss_minus_muon"] == (adamw["val_loss_mean"] -
+                                          by["muon"]["val_loss_mean"])
+  table = capsys.readouterr().out
+  assert "val loss ± (max-min)/2" in table
+  assert all(any(l.startswith(m) for l in table.splitlines())
+             for m in ("adamw", "muon"))
+  assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_kernels_benchmark_quick(tmp_path, capsys):
   """benchmarks/kernels.py --quick: both backends on every shape and path,
   the same results (bf16 bound of test_kernels.py), and on CPU the notice

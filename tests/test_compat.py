@@ -206,7 +206,14 @@ def test_inject_hyperparams_follows_schedule(factory):
     _close(u, jax.tree.map(lambda x: lr * x, u1))
 
 
-@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion])
+# The adaptive family (issue 14), in each test that holds for every ready
+# optimizer.
+_FAMILY = [orthax.namo, orthax.namo_d, orthax.adamuon, orthax.root,
+           orthax.auon, orthax.hybrid_auon]
+
+
+@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion,
+                                     *_FAMILY])
 def test_jit_update_equals_eager(factory):
   tx = factory(0.05)
   params = _mixed(0)
@@ -220,7 +227,8 @@ def test_jit_update_equals_eager(factory):
     _close(jit_state, eager_state)
 
 
-@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion])
+@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion,
+                                     *_FAMILY])
 def test_vmap_update_equals_loop(factory):
   tx, n = factory(0.05), 3
   problems = [_mixed(100 * i) for i in range(n)]
@@ -293,7 +301,8 @@ def test_nnx_optimizer_with_muon():
 
 @pytest.mark.parametrize("factory", [
     orthax.muon, orthax.normuon, orthax.pion,
-    functools.partial(orthax.pion, sides="smaller", restore_every=2)])
+    functools.partial(orthax.pion, sides="smaller", restore_every=2),
+    *_FAMILY])
 def test_orbax_resume_is_bit_identical(factory, tmp_path):
   tx = factory(0.02, adam_learning_rate=1e-2)
   tokens, target = jnp.arange(10), _normal(99, (10, 4))

@@ -41,8 +41,11 @@ def _finite(tree):
 
 # 2**66 (7.4e19): the squared Frobenius norm overflowed float32 (above
 # 1.8e19) and the update was silently 0. 2**-40 (9.1e-13): the absolute
-# eps=1e-7 swamped the norm and shrank the update towards 0.
-_POWERS_OF_TWO = [2.0**66, 2.0**-40]
+# eps=1e-7 swamped the norm and shrank the update towards 0. 2**125 (the
+# largest entry of these gradients, about 3, becomes 1.3e38 > 2**126): XLA
+# divided by max|X| as a multiplication by its reciprocal, subnormal and
+# flushed to 0, and the update was silently 0.
+_POWERS_OF_TWO = [2.0**66, 2.0**-40, 2.0**125]
 
 # 12x16 takes the plain iteration (16/12 < 1.5), "gram" forces the Gram one.
 _CONFIGS = {

@@ -359,7 +359,8 @@ def _documented(fn):
   return names
 
 
-@pytest.mark.parametrize("name", ["muon", "normuon", "pion"])
+@pytest.mark.parametrize("name", ["muon", "normuon", "pion", "namo", "namo_d",
+                                  "adamuon", "root", "auon", "hybrid_auon"])
 def test_signature_is_explicit_and_documented(name):
   fn = getattr(orthax, name)
   params = inspect.signature(fn).parameters

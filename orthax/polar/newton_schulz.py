@@ -36,7 +36,12 @@ def divide_by_max_abs(x: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
   """
   peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0.0)
   peak = jnp.where(peak == 0, jnp.ones_like(peak), peak)
-  return x / peak, peak
+  # Not x / peak: XLA computes it as x * (1 / peak), and above 2**126 the
+  # reciprocal is subnormal and flushed to 0. Dividing by peak's power of
+  # two exactly (ldexp) and then by its mantissa in [0.5, 1) gives the same
+  # quotient at every scale.
+  mantissa, exponent = jnp.frexp(peak)
+  return jnp.ldexp(x, -exponent) / mantissa, peak
 
 
 def frobenius_normalize(x: jax.Array, *, margin: float = 1.0,

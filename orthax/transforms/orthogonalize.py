@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,9 @@ import optax
 
 from orthax._checks import check_hyperparameter, check_number
 from orthax.matrices import DimensionNumbersSpec, MatrixView, matrix_views
-from orthax.polar.coefficients import get_preset, resolve_coefficients
+from orthax.polar.coefficients import (ShapeCoefficients, get_preset,
+                                       resolve_coefficients,
+                                       shape_coefficients, shape_key)
 from orthax.polar.newton_schulz import PRECONDITIONINGS, newton_schulz
 from orthax.polar.reference import polar_svd
 from orthax.sharded import replicated, resolve_mesh, sharded_polar
@@ -50,6 +53,36 @@ def _stacked(polar: Callable[[jax.Array], jax.Array],
       q = jnp.swapaxes(q, -1, -2) if wide[i][1] else q
       out[i] = views[i].from_matrices(q)
   return out
+
+
+def _describe(coeffs: Any) -> str:
+  if isinstance(coeffs, str):
+    return repr(coeffs)
+  if coeffs.shape == (3,):
+    return "(" + ", ".join(f"{c:g}" for c in coeffs) + ")"
+  return f"a ({coeffs.shape[0]}, 3) table"
+
+
+def _report_fallback(table: ShapeCoefficients,
+                     views: list[MatrixView]) -> None:
+  """Warns about the matrices whose shape ``table`` lacks, by shape and leaf
+  (a table made for some shapes silently running other coefficients on the
+  rest would be a surprise)."""
+  missing: dict[tuple[int, int], list[str]] = {}
+  for view in views:
+    key = shape_key((view.fan_in, view.fan_out))
+    if key not in table.table:
+      missing.setdefault(key, []).append(view.path)
+  if missing:
+    name = ("the by_shape table" if table.name is None
+            else f"the {table.name!r} table")
+    shapes = "; ".join(f"{k} ({', '.join(paths)})"
+                       for k, paths in missing.items())
+    warnings.warn(
+        f"orthax.orthogonalize: {name} has no Newton-Schulz coefficients for "
+        f"matrices of shape (short, long) {shapes}; they run its default "
+        f"{_describe(table.default)}. Its shapes: {sorted(table.table)}.",
+        stacklevel=3)
 
 
 def _dual_norm_scaled(view: MatrixView, g: jax.Array, o: jax.Array, *,
@@ -111,8 +144,17 @@ def orthogonalize(
   Args:
     coeffs: a preset name (``"muon"``, ``"polar_express"``, ``"you"``; see
       :data:`orthax.polar.PRESETS`), ``"svd"`` for the exact polar factor, one
-      ``(a, b, c)`` triple used at every step, or an array of shape
-      ``(steps, 3)``.
+      ``(a, b, c)`` triple used at every step, an array of shape
+      ``(steps, 3)``, or coefficients keyed by matrix shape: an
+      :func:`orthax.polar.by_shape` table or ``"root"`` (ROOT's four
+      quintics, each repeated at every step, for its toy model's ``(short,
+      long)`` shapes ``(2048, 2048)``, ``(2048, 3072)``, ``(2048, 8192)`` and
+      ``(2048, 16384)``, and Jordan's quintic, repeated, for every other
+      shape; :data:`orthax.polar.SHAPE_PRESETS`). A table's shapes not in it
+      run its default, and the update warns about them (naming the shapes
+      and leaves) when it is traced. ROOT's code divides by ``||G||_F +
+      1e-7``, an absolute ``eps``: orthax's ``eps`` is relative (below),
+      which differs only for gradients of norm near ``1e-7``.
     steps: number of Newton–Schulz steps, a positive integer (Python or
       NumPy); ``None`` keeps the preset's own (5 for every built-in preset).
       A per-step table runs its first ``steps`` rows and, past its end, the
@@ -264,7 +306,7 @@ def orthogonalize(
     raise TypeError(
         f"compute_dtype must be a floating dtype, got {compute_dtype!r}.")
 
-  table = None
+  shaped, per_shape = None, {}
   if isinstance(coeffs, str) and coeffs == "svd":
     if steps is not None:
       raise ValueError("steps has no meaning with coeffs='svd'.")
@@ -284,34 +326,48 @@ def orthogonalize(
       dtype = x.dtype if compute_dtype is None else compute_dtype
       return polar_svd(x.astype(dtype)).astype(x.dtype)
   else:
-    table, margin = resolve_coefficients(coeffs, steps)
-    table = np.asarray(table)
-    margin = margin if norm_margin is None else norm_margin
-    if preconditioning is None:
-      preconditioning = (get_preset(coeffs).preconditioning
-                         if isinstance(coeffs, str) else "frobenius")
+    shaped = shape_coefficients(coeffs)
+
+    def settings(entry):
+      """The iteration's ``(table, margin, preconditioning)`` for an entry."""
+      table, margin = resolve_coefficients(entry, steps)
+      kind = preconditioning or (get_preset(entry).preconditioning
+                                 if isinstance(entry, str) else "frobenius")
+      return (np.asarray(table), margin if norm_margin is None else
+              norm_margin, kind)
+
+    per_shape = {key: settings(entry) for key, entry in shaped.table.items()}
+    fallback = settings(shaped.default)
 
     def polar(x):
+      table, margin, kind = per_shape.get(shape_key(x.shape[-2:]), fallback)
       return newton_schulz(x, table, norm_margin=margin, eps=eps,
-                           preconditioning=preconditioning,
+                           preconditioning=kind,
                            compute_dtype=compute_dtype, gram=gram,
                            gram_restart=gram_restart, backend=backend)
 
   if mesh is not None:
     resolve_mesh(mesh, mesh_axis)  # bad axis names fail here, not at update
-  steps_run = 5 if table is None else table.shape[0]
+  # the plan's cost model (sharded path): the longest table's steps
+  steps_run = 5 if shaped is None else max(
+      t.shape[0] for t, _, _ in [fallback, *per_shape.values()])
 
   def update_fn(updates, state, params=None):
     del params
     views = matrix_views(updates, dimension_numbers, "orthax.orthogonalize")
+    if shaped is not None and shaped.warn:
+      _report_fallback(shaped, views)
     leaves, treedef = jax.tree.flatten(updates)
     sharding = resolve_mesh(mesh, mesh_axis, views, leaves)
     if sharding is None:
       out = replicated(lambda x: _stacked(polar, views, x), leaves)
     else:
+      # with coefficients keyed by shape, a matrix must not be zero-padded
+      # into a larger matrix's slot: it would run that shape's coefficients
       out = sharded_polar(
           polar, lambda v, x: _stacked(polar, v, x), views, leaves,
-          *sharding, steps=steps_run, gram=gram, gram_restart=gram_restart)
+          *sharding, steps=steps_run, gram=gram, gram_restart=gram_restart,
+          pad=not per_shape)
     if adaptive:
       out = [_dual_norm_scaled(view, g, o, per_leaf=adaptive == "leaf")
              for view, g, o in zip(views, leaves, out)]
