@@ -41,6 +41,17 @@ def newton_schulz(g: np.ndarray, coeffs, *, margin: float = 1.0,
   return x.T if tall else x
 
 
+def matrices_of(x: np.ndarray, spec) -> list[np.ndarray]:
+  """The 2-D ``(fan_in, fan_out)`` matrices of a leaf of at most 3 axes,
+  written out by hand: the leaf itself for ``spec=None``, else one per index
+  of the axis that ``spec`` (``MuonDimensionNumbers``) leaves as batch."""
+  if spec is None:
+    return [x]
+  batch = 3 - spec.reduction_axis - spec.output_axis
+  return list(np.moveaxis(x, (batch, spec.reduction_axis, spec.output_axis),
+                          (0, 1, 2)))
+
+
 def exact_polar(x: np.ndarray) -> np.ndarray:
   """``U V^T`` of ``x = U S V^T`` in float64 (a zero matrix gives zero)."""
   u, s, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)

@@ -38,17 +38,6 @@ VARIANTS = {  # name: (granularity, clamp)
 }
 
 
-def _slices(x: np.ndarray, spec) -> list[np.ndarray]:
-  """The 2-D (fan_in, fan_out) matrices of a leaf, written out by hand."""
-  if spec is None:
-    return [x]
-  if spec == DIMS(1, 2):
-    return [x[b] for b in range(x.shape[0])]
-  if spec == DIMS(0, 2):
-    return [x[:, b, :] for b in range(x.shape[1])]
-  raise AssertionError(spec)
-
-
 def _problem(seed, dtype=jnp.float64, shapes=SHAPES):
   """Params of RMS 1/sqrt(fan_in), and gradients ``a_i F + N_t``: input rows
   ``i`` whose fixed part ``F`` has weight ``a_i`` from 0 to 3 over white
@@ -96,8 +85,8 @@ def _run_orthax(tx, params, grads):
 def _run_reference(params, grads, shapes=SHAPES, **kw):
   """namo_run on every 2-D slice; returns {leaf: [final slices]}."""
   index = [(k, i) for k in shapes
-           for i in range(len(_slices(np.asarray(params[k]), shapes[k][1])))]
-  flat = lambda t: [_slices(np.asarray(t[k], np.float64), shapes[k][1])[i]
+           for i in range(len(reference.matrices_of(np.asarray(params[k]), shapes[k][1])))]
+  flat = lambda t: [reference.matrices_of(np.asarray(t[k], np.float64), shapes[k][1])[i]
                     for k, i in index]
   final = reference.namo_run(flat(params), [flat(g) for g in grads], **kw)[-1]
   out = {k: [] for k in shapes}
@@ -109,7 +98,7 @@ def _run_reference(params, grads, shapes=SHAPES, **kw):
 def _max_error(got, want, shapes=SHAPES):
   return max(np.max(np.abs(s - w))
              for k in shapes
-             for s, w in zip(_slices(np.asarray(got[k], np.float64),
+             for s, w in zip(reference.matrices_of(np.asarray(got[k], np.float64),
                                      shapes[k][1]), want[k]))
 
 
@@ -264,7 +253,7 @@ def test_float32_within_derived_bound(variant):
   params, grads = _problem(4, jnp.float32, shapes)
   got, _ = _run_orthax(_chain(granularity, clamp, "muon", dims=dims,
                               gram=False), params, grads)
-  as64 = lambda x, spec: _slices(np.asarray(x, np.float64), spec)
+  as64 = lambda x, spec: reference.matrices_of(np.asarray(x, np.float64), spec)
   for k, (_, spec) in shapes.items():
     slices = zip(as64(params[k], spec),
                  zip(*[as64(g[k], spec) for g in grads]), as64(got[k], spec))
@@ -381,7 +370,7 @@ def test_state_has_one_entry_per_matrix_or_input_row(granularity):
       dimension_numbers={k: spec for k, (_, spec) in shapes.items()})
   _, state = jax.jit(tx.update)(grads[0], tx.init(params))
   for k, (_, spec) in shapes.items():
-    g = np.stack(_slices(np.asarray(grads[0][k], np.float64), spec))
+    g = np.stack(reference.matrices_of(np.asarray(grads[0][k], np.float64), spec))
     if granularity == "matrix":
       want = np.sqrt((1 - B2) * np.mean(g * g, axis=(1, 2)))
     else:

@@ -38,17 +38,6 @@ SHAPES = {
 }
 
 
-def _slices(x: np.ndarray, spec) -> list[np.ndarray]:
-  """The 2-D (fan_in, fan_out) matrices of a leaf, written out by hand."""
-  if spec is None:
-    return [x]
-  if spec == DIMS(1, 2):
-    return [x[b] for b in range(x.shape[0])]
-  if spec == DIMS(0, 2):
-    return [x[:, b, :] for b in range(x.shape[1])]
-  raise AssertionError(spec)
-
-
 def _problem(seed: int, dtype, neuron_scales: bool = False):
   rng = np.random.default_rng(seed)
   params = {k: rng.normal(size=s) / np.sqrt(s[-2]) for k, (s, _) in SHAPES.items()}
@@ -78,8 +67,8 @@ def _run_reference(run, params, grads, **kw):
   """Runs the reference on every 2-D slice and returns {leaf: [slices]}."""
   keys = list(SHAPES)
   index = [(k, i) for k in keys
-           for i in range(len(_slices(np.asarray(params[k]), SHAPES[k][1])))]
-  flat = lambda t: [_slices(np.asarray(t[k], np.float64), SHAPES[k][1])[i]
+           for i in range(len(reference.matrices_of(np.asarray(params[k]), SHAPES[k][1])))]
+  flat = lambda t: [reference.matrices_of(np.asarray(t[k], np.float64), SHAPES[k][1])[i]
                     for k, i in index]
   final = run(flat(params), [flat(g) for g in grads], lr=LR,
               weight_decay=WD, **kw)[-1]
@@ -140,7 +129,7 @@ CASES = {
 
 def _compare(got, want, atol):
   for k, (_, spec) in SHAPES.items():
-    slices = _slices(np.asarray(got[k], np.float64), spec)
+    slices = reference.matrices_of(np.asarray(got[k], np.float64), spec)
     assert len(slices) == len(want[k])
     for s, w in zip(slices, want[k]):
       np.testing.assert_allclose(s, w, atol=atol, rtol=0, err_msg=k)

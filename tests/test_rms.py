@@ -63,18 +63,10 @@ def _batch_axis(spec) -> int:
   return 3 - spec.reduction_axis - spec.output_axis
 
 
-def _slices(x: np.ndarray, spec) -> list[np.ndarray]:
-  """The 2-D (fan_in, fan_out) matrices of a leaf, written out by hand."""
-  if spec is None:
-    return [x]
-  axes = (_batch_axis(spec), spec.reduction_axis, spec.output_axis)
-  return list(np.moveaxis(x, axes, (0, 1, 2)))
-
-
 def _flat(tree) -> list[np.ndarray]:
   """Every matrix of a tree of SHAPES' leaves, in float64, leaf by leaf."""
   return [s for k, spec in SPECS.items()
-          for s in _slices(np.asarray(tree[k], np.float64), spec)]
+          for s in reference.matrices_of(np.asarray(tree[k], np.float64), spec)]
 
 
 def _tree(seed: int, dtype, slice_scales=(0.1, 1.0, 10.0)):
