@@ -39,8 +39,10 @@ method's own scale until the best had worse neighbours on both sides:
 * adamuon: 0.003 1.97, 0.006 1.95, 0.012 2.04, 0.024 2.30 (RMS 0.2 updates,
   so AdamW-like rates).
 * root: 0.006 1.77, 0.012 1.76, 0.024 1.83 (the Moonlight scale, as NAMO).
-* auon: AUON_SWEEP
-* hybrid_auon: HYBRID_SWEEP (no shape scale: Muon's rate).
+* auon: 0.00625 2.10, 0.0125 2.07, 0.025 2.05, 0.05 2.12, 0.1 2.30, 0.2 2.54,
+  0.4 2.59 (the paper's update has RMS ``lr * shape / sqrt(N)``).
+* hybrid_auon: 0.01 1.83, 0.02 1.76, 0.04 1.76, 0.08 1.97 (no shape scale:
+  Muon's rate).
 
 The AdamW part of every orthax method (embeddings, head, norms, biases) uses
 AdamW's rate and betas, so the only difference from the baseline is the
@@ -109,9 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
                    **adam, **schedule),
       root=dict(learning_rate=0.012, momentum=0.95, weight_decay=0.0,
                 **adam, **schedule),
-      auon=dict(learning_rate=0.2, momentum=0.95, weight_decay=0.0,
+      auon=dict(learning_rate=0.025, momentum=0.95, weight_decay=0.0,
                 **adam, **schedule),
-      hybrid_auon=dict(learning_rate=0.04, momentum=0.95, weight_decay=0.0,
+      hybrid_auon=dict(learning_rate=0.02, momentum=0.95, weight_decay=0.0,
                        **adam, **schedule),
   ))
   return config

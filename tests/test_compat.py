@@ -206,8 +206,9 @@ def test_inject_hyperparams_follows_schedule(factory):
     _close(u, jax.tree.map(lambda x: lr * x, u1))
 
 
-# The adaptive family (issue 14), in each test that holds for every ready
-# optimizer.
+# The adaptive family (issue 14), in the jit and orbax tests (their
+# transforms' vmap is tested with each: test_norm_adaptive.py, test_rms.py,
+# test_root.py).
 _FAMILY = [orthax.namo, orthax.namo_d, orthax.adamuon, orthax.root,
            orthax.auon, orthax.hybrid_auon]
 
@@ -227,8 +228,7 @@ def test_jit_update_equals_eager(factory):
     _close(jit_state, eager_state)
 
 
-@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion,
-                                     *_FAMILY])
+@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion])
 def test_vmap_update_equals_loop(factory):
   tx, n = factory(0.05), 3
   problems = [_mixed(100 * i) for i in range(n)]

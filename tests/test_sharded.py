@@ -445,6 +445,37 @@ else:
       errors = _errors(run, want)
       assert max(errors.values()) <= TRAIN_BOUND, errors
 
+  # The adaptive family under FSDP, as above, with each method's largest
+  # step coefficient in place of Muon's scale 2: the Moonlight scale 0.2 *
+  # sqrt(128) = 2.26; ROOT's clip moves by the rounding of its threshold
+  # (relative u) and runs Jordan's quintic here, whose a**5 = 485 is below
+  # the Polar Express gains F32_BOUND assumes; NAMO-D's factor c_i is at most
+  # (1 + beta) sqrt(1 - beta2) / (1 - beta) = 1.95 at step 1 (about 1 after)
+  # and the clamp 0.75 widens it by 1 / 0.75, so 2.6.
+  FAMILY_SCALE = {"root": 2.26, "namo_d": 2.26 * 2.6}
+
+  @pytest.mark.parametrize("name", sorted(FAMILY_SCALE))
+  def test_adaptive_family_matches_float64(name):
+    """ROOT sorts each matrix's magnitudes and NAMO-D keeps per-row norms:
+    on Explicit-sharded leaves (jax.make_mesh's default, no mesh arguments)
+    both train as unsharded float64 does. ROOT's sort raised
+    ShardingTypeError on a matrix sharded along its sorted axis."""
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    params = {"w1": _rand(1, (32, 128)) / 6, "w2": _rand(2, (128, 128)) / 11,
+              "w3": _rand(3, (128, 16)) / 11, "b": jnp.zeros(128)}
+    data = _rand(4, (64, 32)), _rand(5, (64, 16))
+    make = getattr(orthax, name)
+    with jax.enable_x64(True):
+      as64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
+      want = jax.tree.map(np.asarray, _train(make, as64(params), as64(data))[0])
+    specs = {"w1": P("fsdp", None), "w2": P("fsdp", None),
+             "w3": P("fsdp", None), "b": P()}
+    got, _ = _train(make, _put(params, mesh, specs), data)
+    _shardings_kept(got, specs, mesh)
+    bound = STEPS * LR * FAMILY_SCALE[name] * 2 * F32_BOUND
+    errors = _errors(got, want)
+    assert max(errors.values()) <= bound, errors
+
   def test_context_mesh_and_bad_axes():
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"),
                          axis_types=(AxisType.Explicit,) * 2)

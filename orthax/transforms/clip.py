@@ -10,6 +10,7 @@ import optax
 
 from orthax._checks import check_hyperparameter, check_number
 from orthax.matrices import DimensionNumbersSpec, MatrixView, map_matrices
+from orthax.sharded import replicated
 
 __all__ = ["clip_to_quantile"]
 
@@ -72,7 +73,8 @@ def clip_to_quantile(
   ``q`` of the entries are zero: the non-zero entries are then clipped to
   ``±eps max|X|`` (their signs) instead of to zero. A zero matrix stays zero.
 
-  The quantile sorts the ``N`` magnitudes of every matrix (``O(N log N)``);
+  The quantile sorts the ``N`` magnitudes of every matrix (``O(N log N)``;
+  under a mesh, each device sorts the whole matrix's, gathered);
   ``bfloat16`` and ``float16`` leaves are computed in float32 and returned in
   their dtype. NaN in a matrix makes its result NaN; Inf makes ``tau``
   infinite, so nothing is clipped.
@@ -122,8 +124,13 @@ def clip_to_quantile(
     if not math.prod(view.shape):
       return x
     m = view.to_matrices(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
-    magnitudes = jnp.sort(jnp.abs(m).reshape(view.batch, -1), axis=-1)
-    tau = _threshold(magnitudes, quantile, eps)[:, None, None]
+    # Sorted whole: an Explicit-sharded matrix (FSDP under jax.make_mesh)
+    # cannot be sorted along its sharded axis, so its magnitudes are
+    # gathered first (replicated does nothing to unsharded leaves).
+    (tau,) = replicated(
+        lambda flat: [_threshold(jnp.sort(flat[0], axis=-1), quantile, eps)],
+        [jnp.abs(m).reshape(view.batch, -1)], like=[None])
+    tau = tau[:, None, None]
     kept = jnp.clip(m, -tau, tau)
     out = kept if mode == "clip" else m - kept
     return view.from_matrices(out).astype(x.dtype)
