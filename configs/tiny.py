@@ -36,8 +36,9 @@ method's own scale until the best had worse neighbours on both sides:
   ``lr * c * 0.2 sqrt(max(fan_in, fan_out))`` with ``c`` below 1 when the
   gradients are noisy, hence a rate above Muon's.
 * namo_d: 0.02 1.86, 0.04 1.76, 0.08 1.80.
-* adamuon: 0.003 1.97, 0.006 1.95, 0.012 2.04, 0.024 2.30 (RMS 0.2 updates,
-  so AdamW-like rates).
+* adamuon (the released code's form, its default): 0.006 1.75, 0.012 1.71,
+  0.024 1.86; with the paper's sign step (``sign=True``): 0.003 1.97, 0.006
+  1.95, 0.012 2.04, 0.024 2.30 (RMS 0.2 updates, so AdamW-like rates).
 * root: 0.006 1.77, 0.012 1.76, 0.024 1.83 (the Moonlight scale, as NAMO).
 * auon: 0.00625 2.10, 0.0125 2.07, 0.025 2.05, 0.05 2.12, 0.1 2.30, 0.2 2.54,
   0.4 2.59 (the paper's update has RMS ``lr * shape / sqrt(N)``).
@@ -107,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
                 **adam, **schedule),
       namo_d=dict(learning_rate=0.04, momentum=0.95, weight_decay=0.0,
                   **adam, **schedule),
-      adamuon=dict(learning_rate=0.006, momentum=0.95, weight_decay=0.0,
+      adamuon=dict(learning_rate=0.012, momentum=0.95, weight_decay=0.0,
                    **adam, **schedule),
       root=dict(learning_rate=0.012, momentum=0.95, weight_decay=0.0,
                 **adam, **schedule),

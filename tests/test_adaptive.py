@@ -52,7 +52,7 @@ DEFAULTS = {
                  weight_decay=0.1, adam_b1=0.9, adam_b2=0.95),
     "namo_d": dict(beta=0.95, beta2=0.99, clamp=0.75, coeffs="muon",
                    shape_scale="rms", weight_decay=0.1, adam_b2=0.95),
-    "adamuon": dict(beta=0.95, nesterov=True, sign=True, beta2=0.999,
+    "adamuon": dict(beta=0.95, nesterov=True, sign=False, beta2=0.999,
                     rms_eps=1e-8, target_rms=0.2, coeffs="muon",
                     weight_decay=0.01),
     "root": dict(beta=0.95, nesterov=True, quantile=0.9, coeffs="root",
@@ -87,7 +87,8 @@ def _chain(name, **kw):
         weight_decay=d["weight_decay"], learning_rate=LR)
   if name == "adamuon":
     return optax.chain(
-        mom, optax.scale_by_sign(), orthax.orthogonalize(coeffs="muon"),
+        mom, *([optax.scale_by_sign()] if d["sign"] else []),
+        orthax.orthogonalize(coeffs="muon"),
         optax.scale_by_rms(0.999, 1e-8, eps_in_sqrt=False,
                            bias_correction=True),
         orthax.scale_to_rms(0.2), decay, lr)
@@ -104,12 +105,13 @@ def _chain(name, **kw):
       orthax.cosh_rms_normalize(1.5, normalize_output=False), decay, lr)
 
 
-@pytest.mark.parametrize("name", sorted(DEFAULTS))
-def test_ready_optimizer_is_its_documented_chain(name):
+@pytest.mark.parametrize("name, kw", [
+    *((n, {}) for n in sorted(DEFAULTS)), ("adamuon", dict(sign=True))])
+def test_ready_optimizer_is_its_documented_chain(name, kw):
   """The hidden matrices get the docstring's chain, the embedding and the
   bias AdamW with the method's AdamW defaults."""
-  tx = getattr(orthax, name)(LR, adam_learning_rate=ADAM_LR)
-  chain = _chain(name)
+  tx = getattr(orthax, name)(LR, adam_learning_rate=ADAM_LR, **kw)
+  chain = _chain(name, **kw)
   adam_b2 = DEFAULTS[name].get("adam_b2", 0.999)
   adamw = optax.adamw(ADAM_LR, b1=0.9, b2=adam_b2, eps=1e-8,
                       weight_decay=DEFAULTS[name].get("adam_weight_decay", 0.0))
@@ -148,7 +150,9 @@ REFERENCES = {
     "namo_d": (dict(coeffs="svd"), reference.namo_run,
                dict(coeffs=None, granularity="input", clamp=0.75)),
     "adamuon": (dict(coeffs="svd"), reference.adamuon_run,
-                dict(coeffs=None, sign=True)),
+                dict(coeffs=None, sign=False)),
+    "adamuon_sign": (dict(coeffs="svd", sign=True), reference.adamuon_run,
+                     dict(coeffs=None, sign=True)),
     "root": (dict(coeffs="svd", eps=0.0, quantile_eps=1e-30),
              reference.root_run, dict(table=None, quantile_eps=0.0,
                                       ns_eps=0.0)),
@@ -168,7 +172,7 @@ def test_ready_optimizer_follows_the_float64_reference(name):
   steps = 4
   with jax.enable_x64(True):
     params = _params(jnp.float64)
-    tx = getattr(orthax, name)(LR, **ours)
+    tx = getattr(orthax, name.removesuffix("_sign"))(LR, **ours)
     state, p = tx.init(params), params
     got = []
     for step in range(steps):
