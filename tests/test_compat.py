@@ -206,15 +206,14 @@ def test_inject_hyperparams_follows_schedule(factory):
     _close(u, jax.tree.map(lambda x: lr * x, u1))
 
 
-# The adaptive family (issue 14), in the jit and orbax tests (their
-# transforms' vmap is tested with each: test_norm_adaptive.py, test_rms.py,
-# test_root.py).
+# The adaptive family (issue 14), in the orbax test, which runs it jitted
+# (its eager steps are tests/test_adaptive.py's; its transforms' jit and vmap
+# are tested with each: test_norm_adaptive.py, test_rms.py, test_root.py).
 _FAMILY = [orthax.namo, orthax.namo_d, orthax.adamuon, orthax.root,
            orthax.auon, orthax.hybrid_auon]
 
 
-@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion,
-                                     *_FAMILY])
+@pytest.mark.parametrize("factory", [orthax.muon, orthax.normuon, orthax.pion])
 def test_jit_update_equals_eager(factory):
   tx = factory(0.05)
   params = _mixed(0)
