@@ -415,6 +415,20 @@ else:
       params, state = step(params, state)
     return params, losses
 
+  # The small MLP these tests train, its FSDP specs, and its float64 run.
+  MLP_SPECS = {"w1": P("fsdp", None), "w2": P("fsdp", None),
+               "w3": P("fsdp", None), "b": P()}
+
+  def _mlp_against_float64(make):
+    """(params, data, the float64 run's params and losses)."""
+    params = {"w1": _rand(1, (32, 128)) / 6, "w2": _rand(2, (128, 128)) / 11,
+              "w3": _rand(3, (128, 16)) / 11, "b": jnp.zeros(128)}
+    data = _rand(4, (64, 32)), _rand(5, (64, 16))
+    with jax.enable_x64(True):
+      as64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
+      want, losses = _train(make, as64(params), as64(data))
+    return params, data, jax.tree.map(np.asarray, want), losses
+
   @pytest.mark.parametrize("detect", [False, True])
   @pytest.mark.parametrize("name", ["muon", "normuon"])
   def test_training_matches_float64(name, detect):
@@ -422,18 +436,10 @@ else:
     statistics included: with mesh arguments under jax.set_mesh, and (issue
     11 item 1, which raised ShardingTypeError) with none, on a jax.make_mesh
     default mesh without jax.set_mesh, the axis read from the params."""
-    mesh = jax.make_mesh((8,), ("fsdp",))
-    params = {"w1": _rand(1, (32, 128)) / 6, "w2": _rand(2, (128, 128)) / 11,
-              "w3": _rand(3, (128, 16)) / 11, "b": jnp.zeros(128)}
-    data = _rand(4, (64, 32)), _rand(5, (64, 16))
+    mesh, specs = jax.make_mesh((8,), ("fsdp",)), MLP_SPECS
     make = getattr(orthax, name)
-    with jax.enable_x64(True):
-      as64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
-      want, want_losses = _train(make, as64(params), as64(data))
-      want = jax.tree.map(np.asarray, want)
+    params, data, want, want_losses = _mlp_against_float64(make)
     assert want_losses[-1] < want_losses[0]
-    specs = {"w1": P("fsdp", None), "w2": P("fsdp", None),
-             "w3": P("fsdp", None), "b": P()}
     sharded = _put(params, mesh, specs)
     if detect:
       got, _ = _train(make, sharded, data)
@@ -460,16 +466,9 @@ else:
     on Explicit-sharded leaves (jax.make_mesh's default, no mesh arguments)
     both train as unsharded float64 does. ROOT's sort raised
     ShardingTypeError on a matrix sharded along its sorted axis."""
-    mesh = jax.make_mesh((8,), ("fsdp",))
-    params = {"w1": _rand(1, (32, 128)) / 6, "w2": _rand(2, (128, 128)) / 11,
-              "w3": _rand(3, (128, 16)) / 11, "b": jnp.zeros(128)}
-    data = _rand(4, (64, 32)), _rand(5, (64, 16))
+    mesh, specs = jax.make_mesh((8,), ("fsdp",)), MLP_SPECS
     make = getattr(orthax, name)
-    with jax.enable_x64(True):
-      as64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
-      want = jax.tree.map(np.asarray, _train(make, as64(params), as64(data))[0])
-    specs = {"w1": P("fsdp", None), "w2": P("fsdp", None),
-             "w3": P("fsdp", None), "b": P()}
+    params, data, want, _ = _mlp_against_float64(make)
     got, _ = _train(make, _put(params, mesh, specs), data)
     _shardings_kept(got, specs, mesh)
     bound = STEPS * LR * FAMILY_SCALE[name] * 2 * F32_BOUND
