@@ -432,11 +432,13 @@ def _momentum(shared: types.SimpleNamespace) -> optax.GradientTransformation:
                   mu_dtype=shared.mu_dtype)
 
 
-def _orthogonalize(shared: types.SimpleNamespace,
-                   dims: Any) -> optax.GradientTransformation:
+def _orthogonalize(shared: types.SimpleNamespace, dims: Any,
+                   **overrides: Any) -> optax.GradientTransformation:
   """:func:`orthax.orthogonalize` from ``_POLAR_ARGS`` (whose names are its
-  keywords) for matrices of dimension numbers ``dims``."""
-  return orthogonalize(**_values(shared, _POLAR_ARGS), dimension_numbers=dims)
+  keywords), with a method's own ``overrides`` of them, for matrices of
+  dimension numbers ``dims``."""
+  return orthogonalize(**{**_values(shared, _POLAR_ARGS), **overrides},
+                       dimension_numbers=dims)
 
 
 def _shape(shared: types.SimpleNamespace,

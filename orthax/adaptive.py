@@ -400,10 +400,8 @@ def hybrid_auon(learning_rate: optax.ScalarOrSchedule, *,
   """
   paper = _auon_variant("orthax.hybrid_auon", variant, ("package", "paper"))
   gamma = (1.0 if paper else 1.5) if gamma is None else gamma
-  if shared.steps is None:
-    shared = types.SimpleNamespace(**{**vars(shared),
-                                      "steps": 1 if paper else 5})
+  steps = (1 if paper else 5) if shared.steps is None else shared.steps
   return _descent("orthax.hybrid_auon", learning_rate, shared, lambda dims: [
-      _momentum(shared), _orthogonalize(shared, dims),
+      _momentum(shared), _orthogonalize(shared, dims, steps=steps),
       cosh_rms_normalize(gamma, normalize_input=not paper,
                          normalize_output=False, dimension_numbers=dims)])
