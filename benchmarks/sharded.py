@@ -21,6 +21,10 @@ iteration. orthax's program also runs, for its largest entry error against
 the same iteration in float64. None of these programs is timed: 8 simulated
 devices on 2 cores say nothing about speed.
 
+Dion's rows (:func:`dion_rows`, rank fractions 1/4 and 1/16) give the
+collective bytes of its low-rank step on the same sharded matrices, as
+ratios to orthax's sharded Muon and to XLA's optax.
+
 Then the compile time of an MoE expert stack ``(E, 32, 64)``, sharded along
 fan_in, for growing ``E`` (:func:`compile_scaling`), sharded against
 unsharded, with the size of each compiled program: the sharded program must
@@ -202,6 +206,45 @@ def run(model: str) -> list[dict]:
   return rows
 
 
+# Dion's rank fractions: the README's 1/4 (near full rank at 3B) and 1/16.
+DION_FRACTIONS = (0.25, 1 / 16)
+
+
+def dion_rows(model: str, rows: list[dict]) -> list[dict]:
+  """Dion (``orthax.transforms.dion.scale_by_dion``) on the same FSDP-sharded
+  matrices under ``Explicit`` axes, for each of :data:`DION_FRACTIONS`: its
+  collective bytes (only the low-rank factors should move) as ratios to
+  orthax's whole-matrix sharded orthogonalization (``rows``' ``"orthax"``,
+  Muon's collectives) and to XLA's optax. The even share is the unsharded
+  program's matmul FLOPs over the devices (QR runs in LAPACK, uncounted)."""
+  from orthax.transforms.dion import scale_by_dion
+  tree = hidden_matrices(*MODELS[model])
+  mesh = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(AxisType.Explicit,))
+  args = {k: jax.device_put(x, NamedSharding(mesh, P("fsdp", None)))
+          for k, x in tree.items()}
+  muon = next(r for r in rows if r["method"] == "orthax")["collective_bytes"]
+  xla = next(r for r in rows if r["method"] == "xla optax")["collective_bytes"]
+  out = []
+  for fraction in DION_FRACTIONS:
+    tx = scale_by_dion(fraction)
+    plain = jax.jit(tx.update).lower(tree, tx.init(tree)).compile()
+    with jax.set_mesh(mesh):
+      state = tx.init(args)
+      compiled = jax.jit(tx.update).lower(args, state).compile()
+    costs = hlo_costs(compiled.as_text())
+    coll = {op: costs[op] for op in COLLECTIVES}
+    total = sum(coll.values())
+    even = hlo_costs(plain.as_text())["flops"] / DEVICES
+    out.append(dict(model=model, method=f"dion r/{round(1 / fraction)}",
+                    flops_per_device=costs["flops"], even_share=even,
+                    flops_vs_even_share=costs["flops"] / even,
+                    collective_bytes=total, collectives=coll,
+                    max_abs_err_vs_float64=None,
+                    bytes_vs_xla_optax=total / xla if xla else None,
+                    bytes_vs_orthax_muon=total / muon if muon else None))
+  return out
+
+
 def print_table(rows) -> None:
   header = (f"{'method':11} {'GFLOP/device':>13} {'vs even share':>14} "
             f"{'collective MB':>14} {'vs xla optax':>13} {'err f64':>9}")
@@ -268,7 +311,12 @@ def main(argv=None) -> list[dict]:
     raise SystemExit(f"needs {DEVICES} devices; run it in a fresh process "
                      "(it sets XLA_FLAGS before JAX starts)")
   rows = run("quick" if args.quick else "gpt2_small")
+  rows += dion_rows("quick" if args.quick else "gpt2_small", rows)
   print_table(rows)
+  for r in rows:
+    if "bytes_vs_orthax_muon" in r:
+      print(f"{r['method']}: collective bytes {r['bytes_vs_orthax_muon']:.3f} "
+            "of orthax's sharded Muon")
   compile_rows = compile_scaling(EXPERTS["quick" if args.quick else "full"])
   print_compile_table(compile_rows)
   write_json(args.out, rows, compile=compile_rows)

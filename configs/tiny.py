@@ -116,5 +116,17 @@ def get_config() -> ml_collections.ConfigDict:
                 **adam, **schedule),
       hybrid_auon=dict(learning_rate=0.02, momentum=0.95, weight_decay=0.0,
                        **adam, **schedule),
+      # Low-rank, rotated and whitened updates (issue 15): the methods' own
+      # defaults but for the rate (swept, above) and no weight decay.
+      dion=dict(learning_rate=0.02, mu=0.95, weight_decay=0.0,
+                **adam, **schedule),
+      aro=dict(learning_rate=0.006, momentum=0.95, weight_decay=0.0,
+               **adam, **schedule),
+      poet=dict(learning_rate=2e-3, **adam, **schedule),
+      fismo=dict(learning_rate=0.02, momentum=0.95, weight_decay=0.0,
+                 **adam, **schedule),
+      # Moonlight's Muon with QK-clip at Kimi K2's threshold.
+      muon_clip=dict(learning_rate=0.012, momentum=0.95, weight_decay=0.0,
+                     threshold=100.0, **adam, **schedule),
   ))
   return config

@@ -144,12 +144,18 @@ __all__ = [
 # The orthax ready optimizers the example trains, by name; AdamW is optax's.
 _READY = {name: getattr(orthax, name) for name in (
     "muon", "normuon", "pion", "namo", "namo_d", "adamuon", "root", "auon",
-    "hybrid_auon")}
+    "hybrid_auon", "dion", "aro", "poet", "fismo", "muon_clip")}
 OPTIMIZERS = ("adamw", *_READY)
-# The methods that orthogonalize take the mesh (each device orthogonalizes
-# whole matrices for its share); Pion's sharded rotation is left out, as
-# before, and AuON has no matrix-wide step to shard.
-_SHARDED = frozenset(_READY) - {"pion", "auon"}
+# The methods whose update reads the attention's per-head max logits of the
+# step's forward pass (orthax.qk_clip).
+_RECORDS_MAX_LOGITS = frozenset(("muon_clip",))
+# The methods that orthogonalize by Newton-Schulz take the mesh (each device
+# orthogonalizes whole matrices for its share; FISMO whitens each leaf where
+# it lies first). Pion's sharded rotation is left out, as before; AuON has
+# no matrix-wide step to shard; Dion's low-rank products are partitioned by
+# XLA where the leaves lie; ARO and POET work on each leaf where it lies.
+_SHARDED = frozenset(("muon", "normuon", "namo", "namo_d", "adamuon", "root",
+                      "hybrid_auon", "fismo", "muon_clip"))
 # config.optimizer.<name> keys that shape the schedule rather than being the
 # optimizer's keywords.
 _SCHEDULE_KEYS = ("learning_rate", "adam_learning_rate", "warmup_frac",
@@ -219,14 +225,17 @@ _POSITIVE = dict(low=0, low_open=True)
 _OPTIMIZER_SETTINGS = {
     **dict.fromkeys(("learning_rate", "adam_learning_rate", "eps",
                      "adam_eps"), _POSITIVE),
-    **dict.fromkeys(("b1", "b2", "adam_b1", "adam_b2", "momentum", "beta2"),
-                    dict(low=0, high=1, high_open=True)),
+    **dict.fromkeys(("b1", "b2", "adam_b1", "adam_b2", "momentum", "beta2",
+                     "mu"), dict(low=0, high=1, high_open=True)),
     **dict.fromkeys(("weight_decay", "adam_weight_decay", "grad_clip"),
                     dict(low=0)),
     **dict.fromkeys(("warmup_frac", "cooldown_frac", "end_lr_frac"),
                     dict(low=0, high=1)),
-    **dict.fromkeys(("clamp", "quantile"), dict(low=0, high=1, low_open=True)),
-    "gamma": _POSITIVE,
+    **dict.fromkeys(("clamp", "quantile", "rank_fraction"),
+                    dict(low=0, high=1, low_open=True)),
+    **dict.fromkeys(("gamma", "lr_scale", "threshold"), _POSITIVE),
+    "alpha": dict(low=0, high=1),
+    **dict.fromkeys(("block_size", "merge_every"), dict(low=1, integer=True)),
 }
 _DECAYS = ("cosine", "linear")
 # With the model and the optimizer's own settings, the fields that fix a
@@ -480,12 +489,21 @@ class CausalSelfAttention(nnx.Module):
   GPT-2 stores the three input projections as one ``(width, 3 width)``
   kernel; separate kernels compute the same function and make each
   projection its own hidden matrix for Muon (as modded-nanogpt does).
+
+  With ``record_max_logits`` set (by :func:`_loss`), each call also sows
+  ``max_logits``: per head, the largest causal logit ``q_i . k_j /
+  sqrt(d_head)`` (``j <= i``) over the batch, in float32, the ``S_max``
+  that :func:`orthax.qk_clip` compares with its threshold. The heads are
+  contiguous blocks of ``d_head`` columns of the query and key kernels
+  (``qk_clip``'s default ``head_axis=-1``). Unset (the default), the call
+  is the plain attention.
   """
 
   def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
     if width % num_heads:
       raise ValueError(f"num_heads={num_heads} must divide width={width}")
     self.num_heads = num_heads
+    self.record_max_logits = False
     dense = functools.partial(nnx.Linear, width, width, dtype=dtype, rngs=rngs)
     self.query, self.key, self.value, self.proj = (dense(), dense(), dense(),
                                                    dense())
@@ -493,10 +511,20 @@ class CausalSelfAttention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-    y = jax.nn.dot_product_attention(
-        heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-        is_causal=True)
+    q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+    if self.record_max_logits:
+      self.sow(nnx.Intermediate, "max_logits", self._max_logits(q, k))
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return self.proj(y.reshape(b, t, d))
+
+  @staticmethod
+  def _max_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Per head, the max causal logit over the batch: ``(heads,)``."""
+    logits = jnp.einsum("bthd,bshd->bhts", q, k,
+                        preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(q.shape[-1])
+    causal = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+    return jnp.max(jnp.where(causal, logits, -jnp.inf), axis=(0, 2, 3))
 
 
 class MLP(nnx.Module):
@@ -585,11 +613,26 @@ class GPT(nnx.Module):
     return logits[..., :self.vocab_size]
 
 
-def _loss(model: GPT, batch: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy (nats) of ``(batch, context + 1)`` tokens."""
-  logits = model(batch[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(
+def _loss(model: GPT, batch: jax.Array, *, max_logits: bool = False) -> Any:
+  """Mean next-token cross-entropy (nats) of ``(batch, context + 1)`` tokens.
+
+  With ``max_logits``, ``(loss, recorded)``: ``recorded`` holds each
+  attention module's per-head max logits (:class:`CausalSelfAttention`)
+  under its path, ``{'h': {0: {'attn': {'max_logits': (S,)}}, ...}}``, the
+  ``max_logits=`` of :func:`orthax.qk_clip`. The model is switched to
+  recording (it is the one :func:`flax.nnx.merge` made for this call).
+  """
+  tokens = batch[:, :-1]
+  if max_logits:
+    for _, module in nnx.iter_modules(model):
+      if isinstance(module, CausalSelfAttention):
+        module.record_max_logits = True
+    logits, recorded = nnx.capture(model, nnx.Intermediate)(tokens)
+  else:
+    logits = model(tokens)
+  loss = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), batch[:, 1:]).mean()
+  return (loss, nnx.to_pure_dict(recorded)) if max_logits else loss
 
 
 # ---------------------------------------------------------------------------
@@ -772,7 +815,8 @@ def load_data(config: ml_collections.ConfigDict,
 
 
 def _step_functions(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    shardings: Any, mesh: Mesh, microbatches: int):
+                    shardings: Any, mesh: Mesh, microbatches: int, *,
+                    max_logits: bool = False):
   """The jitted training step and validation loss, with their shardings.
 
   Args:
@@ -782,6 +826,9 @@ def _step_functions(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     mesh: the device mesh.
     microbatches: gradient accumulation: each batch is split into this many
       parts whose gradients are averaged (one optimizer step).
+    max_logits: record the attention's per-head max logits in the forward
+      pass (the max over the microbatches) and give them to the optimizer,
+      ``tx.update(..., max_logits=...)``, as :func:`orthax.qk_clip` needs.
 
   Returns:
     ``train_step(state, batch) -> (state, loss)`` (donating ``state``) and
@@ -793,24 +840,37 @@ def _step_functions(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def loss_fn(params, batch):
     return _loss(nnx.merge(graphdef, params), batch)
 
+  def recorded_loss(params, batch):
+    """``(loss, max logits)``; the max logits are ``{}`` unless recorded."""
+    if max_logits:
+      return _loss(nnx.merge(graphdef, params), batch, max_logits=True)
+    return loss_fn(params, batch), {}
+
+  grad_fn = jax.value_and_grad(recorded_loss, has_aux=True)
+
   def value_and_grad(params, batch):
+    """``(loss, grads, max logits)``."""
     if microbatches == 1:
-      return jax.value_and_grad(loss_fn)(params, batch)
+      (loss, logits), grads = grad_fn(params, batch)
+      return loss, grads, logits
 
     def accumulate(total, microbatch):
-      out = jax.value_and_grad(loss_fn)(params, microbatch)
-      return jax.tree.map(jnp.add, total, out), None
+      (loss, logits), grads = grad_fn(params, microbatch)
+      return jax.tree.map(jnp.add, total, (loss, grads)), logits
 
     zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(accumulate, zero,
-                            _split_microbatches(batch, microbatches))
-    return jax.tree.map(lambda x: x / microbatches, total)
+    total, logits = jax.lax.scan(accumulate, zero,
+                                 _split_microbatches(batch, microbatches))
+    loss, grads = jax.tree.map(lambda x: x / microbatches, total)
+    return loss, grads, jax.tree.map(lambda s: s.max(axis=0), logits)
 
   @functools.partial(jax.jit, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, replicated), donate_argnums=0)
   def train_step(state, batch):
-    loss, grads = value_and_grad(state["params"], batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    loss, grads, logits = value_and_grad(state["params"], batch)
+    extra = {"max_logits": logits} if max_logits else {}
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
+                                   **extra)
     return {"params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state}, loss
 
@@ -1035,8 +1095,9 @@ def train(config: ml_collections.ConfigDict, name: str,
   abstract = jax.eval_shape(init)
   shardings = jax.tree.map(lambda x: fsdp_sharding(x.shape, mesh), abstract)
   batch_sharding, eval_sharding = _batch_shardings(mesh)
-  train_step, evaluate = _step_functions(graphdef, tx, shardings, mesh,
-                                         config.microbatches)
+  train_step, evaluate = _step_functions(
+      graphdef, tx, shardings, mesh, config.microbatches,
+      max_logits=name in _RECORDS_MAX_LOGITS)
   checkpoints = (_Checkpoints(run_dir / "checkpoints",
                               _run_record(config, name),
                               config.keep_checkpoints)

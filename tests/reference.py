@@ -507,3 +507,393 @@ def root_run(params, grads_per_step, *, lr, beta=0.95, weight_decay=0.1,
     history.append(params)
   return history
 # --- end ROOT ---
+
+
+# --- Dion (issue 15) ---
+def dion_step(g, m, q, *, mu=0.95, eps=1e-8):
+  """One Dion step on one ``(fan_in, fan_out)`` matrix, in float64, written
+  in the official code's torch layout (``dion_simple.py`` @ 0a059a4, lines
+  32-64: the weight is ``(out, in)``, so ``X = W^T``): ``M += G``; ``P =
+  QR(M Q)``; ``R = M^T P``; ``M -= (1 - mu) P R^T``; ``Q = R / (||R_j|| +
+  eps max|M|)``; direction ``P Q^T``. ``eps`` is relative to the buffer's
+  largest entry, as orthax documents (the official one is absolute). The QR
+  is made unique (R's diagonal >= 0); an all-zero buffer gives a zero
+  direction and keeps ``Q`` (the official ``fix_all_zero_or_nan``).
+
+  Args: the gradient ``g`` and buffer ``m`` in orthax's ``(fan_in,
+  fan_out)`` layout, the factor ``q`` ``(fan_in, r)``.
+
+  Returns: ``(direction, m, q, x)`` in orthax's layout, where ``x`` is the
+  matrix whose QR gave ``P`` (``B^T Q``, ``(fan_out, r)``).
+  """
+  mt = (np.asarray(m, np.float64) + np.asarray(g, np.float64)).T  # (out, in)
+  q = np.asarray(q, np.float64)
+  if not np.any(mt):
+    return np.zeros_like(mt.T), mt.T, q, mt @ q
+  x = mt @ q
+  p, upper = np.linalg.qr(x)
+  p = p * np.where(np.diag(upper) < 0, -1.0, 1.0)
+  r = mt.T @ p
+  q = r / (np.linalg.norm(r, axis=0) + eps * np.max(np.abs(mt)))
+  mt = mt - (1 - mu) * p @ r.T
+  return (p @ q.T).T, mt.T, q, x
+
+
+def dion_run(params, grads_per_step, q0s, *, lr, mu=0.95, eps=1e-8,
+             weight_decay=0.01):
+  """Dion's optimizer on a list of 2-D ``(fan_in, fan_out)`` matrices, from
+  the factors ``q0s``: ``W <- W (1 - lr wd) - lr sqrt(fan_out / fan_in)
+  direction`` (``dion_simple.py``'s update). Returns the matrices after
+  every step."""
+  params = [np.asarray(w, np.float64) for w in params]
+  states = [(np.zeros_like(w), np.asarray(q, np.float64))
+            for w, q in zip(params, q0s)]
+  history = []
+  for grads in grads_per_step:
+    for i, g in enumerate(grads):
+      w = params[i]
+      d, m, q, _ = dion_step(g, *states[i], mu=mu, eps=eps)
+      states[i] = (m, q)
+      scale = np.sqrt(w.shape[1] / w.shape[0])
+      params[i] = w * (1 - lr * weight_decay) - lr * scale * d
+    history.append(list(params))
+  return history
+# --- end Dion ---
+
+
+# --- MuonClip / QK-clip (issue 15) ---
+def attention_max_logits(x, q_parts, k_parts, heads, *, rope=None):
+  """Per-head max attention logits ``S_h = max_{b, i, j <= i} q_i^h . k_j^h
+  / sqrt(d)`` (Kimi K2, Algorithm 1), in float64, by loops over heads.
+
+  ``x``: ``(batch, time, d_model)``; ``q_parts = (Wq, bq)`` with ``Wq``
+  ``(d_model, H d)`` and ``bq`` ``(H d,)`` (heads as contiguous blocks of
+  ``d`` columns), ``k_parts`` the same with ``K`` key heads (query head
+  ``h`` uses key head ``h // (H / K)``). ``rope = (Wqr (d_model, H r), Wkr
+  (d_model, r))`` adds MLA's rotary term ``q_r^h . k_r`` (shared key);
+  ``sqrt(d)`` is then ``sqrt(d + r)``.
+  """
+  x = np.asarray(x, np.float64)
+  q = x @ np.asarray(q_parts[0], np.float64) + np.asarray(q_parts[1])
+  k = x @ np.asarray(k_parts[0], np.float64) + np.asarray(k_parts[1])
+  d = q.shape[-1] // heads
+  group = heads // (k.shape[-1] // d)
+  width = d + (0 if rope is None else rope[1].shape[-1])
+  t = x.shape[1]
+  causal = np.tril(np.ones((t, t), bool))
+  out = np.empty(heads)
+  for h in range(heads):
+    qh = q[..., h * d:(h + 1) * d]
+    kh = k[..., (h // group) * d:(h // group + 1) * d]
+    logits = np.einsum("bid,bjd->bij", qh, kh)
+    if rope is not None:
+      r = rope[1].shape[-1]
+      qr = (x @ np.asarray(rope[0], np.float64))[..., h * r:(h + 1) * r]
+      kr = x @ np.asarray(rope[1], np.float64)
+      logits = logits + np.einsum("bid,bjd->bij", qr, kr)
+    out[h] = np.max(np.where(causal, logits, -np.inf)) / np.sqrt(width)
+  return out
+
+
+def qk_clip_reference(q_parts, k_parts, s_max, *, tau, alpha=0.5,
+                      q_rope_parts=()):
+  """QK-Clip (Kimi K2, Algorithm 1) on the post-update weights, per head.
+
+  Every array of ``q_parts`` (a query kernel, its bias) holds the ``H =
+  len(s_max)`` query heads as contiguous blocks of its last axis, every one
+  of ``k_parts`` the key heads. For each head with ``S_h > tau``, ``gamma =
+  tau / S_h``: with as many key heads as query heads, the query block times
+  ``gamma**alpha`` and the key block times ``gamma**(1 - alpha)``; with
+  fewer (grouped keys), the query block times ``gamma`` and the keys
+  unchanged. ``q_rope_parts`` (MLA's rotary query) take ``gamma``; MLA's
+  shared rotary key is not an argument: it never changes. Returns new
+  ``(q_parts, k_parts, q_rope_parts)`` lists, float64.
+  """
+  q = [np.array(p, np.float64) for p in q_parts]
+  k = [np.array(p, np.float64) for p in k_parts]
+  qr = [np.array(p, np.float64) for p in q_rope_parts]
+  heads = len(s_max)
+  grouped = k[0].shape[-1] < q[0].shape[-1]
+  for h, s in enumerate(np.asarray(s_max, np.float64)):
+    if s <= tau:
+      continue
+    gamma = tau / s
+    for p in q:
+      d = p.shape[-1] // heads
+      p[..., h * d:(h + 1) * d] *= gamma if grouped else gamma ** alpha
+    for p in qr:
+      d = p.shape[-1] // heads
+      p[..., h * d:(h + 1) * d] *= gamma
+    if not grouped:
+      for p in k:
+        d = p.shape[-1] // heads
+        p[..., h * d:(h + 1) * d] *= gamma ** (1 - alpha)
+  return q, k, qr
+
+
+def moonlight_muon_step(w, g, buf, *, lr, mu=0.95, weight_decay=0.1,
+                        steps=5):
+  """One step of Moonlight's Muon (MoonshotAI/Moonlight@abaa96e,
+  ``examples/toy_train.py``) on a ``(fan_in, fan_out)`` matrix: the sum
+  momentum ``buf <- mu buf + g``, the Nesterov input ``g + mu buf``, Jordan's
+  quintic, ``W <- W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O``. Returns ``(W,
+  buf)``."""
+  w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+  buf = mu * buf + g
+  o = newton_schulz(g + mu * buf, [MUON_ABC] * steps)
+  return (w * (1 - lr * weight_decay)
+          - lr * 0.2 * np.sqrt(max(w.shape)) * o), buf
+
+
+def adamw_step(w, g, state, t, *, lr, b1=0.9, b2=0.95, eps=1e-8,
+               weight_decay=0.1):
+  """One AdamW step (Loshchilov & Hutter; bias-corrected moments, ``eps``
+  outside the root, decay ``lr wd W``) at step ``t >= 1``; ``state`` is
+  ``(m, v)``. Returns ``(W, (m, v))``."""
+  w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+  m = b1 * state[0] + (1 - b1) * g
+  v = b2 * state[1] + (1 - b2) * g * g
+  step = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+  return w - lr * (step + weight_decay * w), (m, v)
+# --- end MuonClip ---
+
+
+# --- ARO (issue 15) ---
+def aro_base(y: np.ndarray, base: str, *, iters: int = 5,
+             eps: float = 1e-8) -> np.ndarray:
+  """ARO's base map on one ``s × k`` matrix (Langford's ``dion/aro.py``):
+  Sinkhorn (rows to L2 norm sqrt(k), then columns to sqrt(s), ``iters``
+  times), row normalization to sqrt(k), or sign; norms clamped at ``eps``."""
+  y = np.asarray(y, np.float64)
+  s, k = y.shape
+  if base == "sign":
+    return np.sign(y)
+  for _ in range(iters if base == "sinkhorn" else 1):
+    y = y * np.sqrt(k) / np.maximum(np.linalg.norm(y, axis=1, keepdims=True),
+                                    eps)
+    if base == "sinkhorn":
+      y = y * np.sqrt(s) / np.maximum(
+          np.linalg.norm(y, axis=0, keepdims=True), eps)
+  return y
+
+
+def aro_direction(x: np.ndarray, rotation: np.ndarray, base: str,
+                  **kw) -> tuple[np.ndarray, np.ndarray]:
+  """One ARO step on ``x`` (``s × k``, the rotated side first) with the
+  previous rotation: the cross-alignment ``C = x f(R^T x)^T``, the new
+  rotation ``Q`` of Householder ``QR(C)``, and ``D = Q f(Q^T x)``. Returns
+  ``(D, Q)``."""
+  cross = x @ aro_base(rotation.T @ x, base, **kw).T
+  q, _ = np.linalg.qr(cross)
+  return q @ aro_base(q.T @ x, base, **kw), q
+
+
+def aro(grads_per_step, *, side: str, base: str = "sinkhorn",
+        beta: float = 0.95, **kw) -> list[np.ndarray]:
+  """ARO's directions ``D_t`` for one ``(fan_in, fan_out)`` matrix over
+  several steps: ``M <- beta M + (1 - beta) G`` (no Nesterov), then
+  :func:`aro_direction` on ``M`` (``side="input"``) or on ``M^T`` (torch's
+  layout, Langford's rows: ``side="output"``), starting from ``R = I``.
+  Returns the list of ``D_t`` in the ``(fan_in, fan_out)`` layout."""
+  flip = side == "output"
+  m, rotation, out = None, None, []
+  for g in grads_per_step:
+    g = np.asarray(g, np.float64)
+    m = (1 - beta) * g if m is None else beta * m + (1 - beta) * g
+    x = m.T if flip else m
+    if rotation is None:
+      rotation = np.eye(x.shape[0])
+    d, rotation = aro_direction(x, rotation, base, **kw)
+    out.append(d.T if flip else d)
+  return out
+# --- end ARO ---
+
+
+# --- POET (issue 15) ---
+# The Cayley–Neumann polynomials of POET-BS (Sphere-AI-Lab/poet@3a34bb6):
+# coefficients of Q^0 .. Q^4. "triton" (core/triton_ops.py, the GPU kernel)
+# is (I + Q)(I + Q + Q^2 + Q^3); "torch" (core/ops.py, the fallback) is the
+# Cayley series (I + Q)(I - Q)^{-1} = I + 2 sum_k Q^k cut after Q^4.
+POET_NEUMANN = {"triton": (1, 2, 2, 2, 1), "torch": (1, 2, 2, 2, 2)}
+
+
+def poet_block(q: np.ndarray, neumann: str) -> np.ndarray:
+  """One rotation block: the product form for ``"triton"``, the series for
+  ``"torch"`` (different algebra from a polynomial in powers)."""
+  eye = np.eye(q.shape[0])
+  if neumann == "triton":
+    return (eye + q) @ (eye + q + q @ q + q @ q @ q)
+  return eye + 2 * sum(np.linalg.matrix_power(q, k) for k in range(1, 5))
+
+
+def poet_skew(theta: np.ndarray, b: int) -> np.ndarray:
+  """The skew ``b×b`` matrix with strict upper triangle ``theta``, filled
+  row by row (torch.triu_indices' order)."""
+  q = np.zeros((b, b))
+  k = 0
+  for i in range(b):
+    for j in range(i + 1, b):
+      q[i, j], q[j, i] = theta[k], -theta[k]
+      k += 1
+  return q
+
+
+def poet_rotation(theta: np.ndarray, perm: np.ndarray,
+                  neumann: str) -> np.ndarray:
+  """The full ``s×s`` matrix ``S^T diag(G_1, ..., G_k) S`` of one side, with
+  ``S = I[perm]`` and ``G_i`` the map of the ``i``-th row of ``theta``."""
+  s, k = len(perm), theta.shape[0]
+  b = s // k
+  diag = scipy.linalg.block_diag(*[poet_block(poet_skew(t, b), neumann)
+                                   for t in theta])
+  select = np.eye(s)[np.asarray(perm)]
+  return select.T @ diag @ select
+
+
+def _poet_block_grads(theta, perm, neumann, d_rot):
+  """Gradients of the generators of one side, given ``dL/d(S^T D S)``."""
+  s, k = len(perm), theta.shape[0]
+  b = s // k
+  select = np.eye(s)[np.asarray(perm)]
+  d_diag = select @ d_rot @ select.T
+  coeffs = POET_NEUMANN[neumann]
+  rows, cols = np.triu_indices(b, 1)
+  out = np.zeros_like(theta)
+  for i, t in enumerate(theta):
+    qt = poet_skew(t, b).T
+    d_g = d_diag[i * b:(i + 1) * b, i * b:(i + 1) * b]
+    # d <D, sum_k c_k Q^k> / dQ = sum_k c_k sum_j (Q^T)^j D (Q^T)^(k-1-j)
+    d_q = sum(c * np.linalg.matrix_power(qt, j) @ d_g
+              @ np.linalg.matrix_power(qt, p - 1 - j)
+              for p, c in enumerate(coeffs) for j in range(p))
+    out[i] = d_q[rows, cols] - d_q[cols, rows]
+  return out
+
+
+def poet_effective(w0, theta, perms, neumann):
+  """``R W0 P`` of one matrix; ``theta``, ``perms``: (left, right), a side
+  of ``None`` being the identity."""
+  sides = [np.eye(n) if t is None else poet_rotation(t, p, neumann)
+           for t, p, n in zip(theta, perms, w0.shape)]
+  return sides[0] @ w0 @ sides[1]
+
+
+def poet_theta_grads(w0, theta, perms, g, neumann):
+  """``dL/dtheta`` for ``L = <g, R W0 P>``, by hand: ``dL/dR = g (W0
+  P)^T``, ``dL/dP = (R W0)^T g``, then through the block map."""
+  left, right = [None if t is None else poet_rotation(t, p, neumann)
+                 for t, p in zip(theta, perms)]
+  left = np.eye(w0.shape[0]) if left is None else left
+  right = np.eye(w0.shape[1]) if right is None else right
+  d_sides = (g @ (w0 @ right).T, (left @ w0).T @ g)
+  return tuple(None if t is None else _poet_block_grads(t, p, neumann, d)
+               for t, p, d in zip(theta, perms, d_sides))
+
+
+def poet_run(w, grads, perms_per_step, *, lr, blocks, merge_every,
+             b1=0.9, b2=0.999, eps=1e-6, lr_scale=0.5, neumann="triton"):
+  """POET-BS on one 2-D matrix over several steps, as the official loop.
+
+  ``blocks``: (left, right) block sizes (``None``: side not rotated);
+  ``perms_per_step[t]``: the (left, right) permutations in force at step
+  ``t`` (drawn at random by the implementation under test at each merge).
+  Each step: ``POETAdamW`` on ``theta`` (moments and step count reset after
+  each merge; eps on the uncorrected ``sqrt(v)``, the bias corrections in
+  the step size ``lr lr_scale sqrt(1 - b2^t) / (1 - b1^t)``), ``W =
+  R W0 P``, and after every ``merge_every``-th step ``W0 <- W``, ``theta <-
+  0``. Returns the weights after every step.
+  """
+  w0 = np.asarray(w, np.float64)
+  zero = lambda: tuple(None if b is None else np.zeros((n // b, b * (b - 1) // 2))
+                       for b, n in zip(blocks, w0.shape))
+  theta, mu, nu = zero(), zero(), zero()
+  history = []
+  for step, (g, perms) in enumerate(zip(grads, perms_per_step), start=1):
+    t = (step - 1) % merge_every + 1
+    d = poet_theta_grads(w0, theta, perms, np.asarray(g, np.float64), neumann)
+    size = lr * lr_scale * np.sqrt(1 - b2**t) / (1 - b1**t)
+    new = [[], [], []]
+    for th, m, v, dt in zip(theta, mu, nu, d):
+      if th is None:
+        for lst in new:
+          lst.append(None)
+        continue
+      m = b1 * m + (1 - b1) * dt
+      v = b2 * v + (1 - b2) * dt * dt
+      new[0].append(th - size * m / (np.sqrt(v) + eps))
+      new[1].append(m)
+      new[2].append(v)
+    theta, mu, nu = map(tuple, new)
+    w = poet_effective(w0, theta, perms, neumann)
+    history.append(w)
+    if step % merge_every == 0:
+      w0, (theta, mu, nu) = w, (zero(), zero(), zero())
+  return history
+# --- end POET ---
+
+
+# --- FISMO (issue 15) ---
+def fismo_inv_sqrt(a: np.ndarray) -> np.ndarray:
+  """``a^(-1/2)`` of a symmetric positive definite matrix (principal root)."""
+  return np.linalg.inv(np.real(scipy.linalg.sqrtm(a)))
+
+
+def fismo_factor(old: np.ndarray, stat: np.ndarray, *, gamma: float,
+                 damping: float) -> np.ndarray:
+  """Steps 1-2 (or 3-4) of Algorithm 1 for one factor of side ``d``, given
+  its statistic ``stat`` (``G Q^-1 G^T / n``): the statistic rescaled to
+  trace ``d`` (orthax's scale-free form; the paper adds it as it is), plus
+  ``mu tr(old) / d I``, averaged with ``old``, rescaled to trace ``d`` and
+  symmetrized."""
+  d = old.shape[0]
+  tr = np.trace(stat)
+  scaled = d * stat / tr if tr > 0 else np.zeros_like(stat)
+  mixed = gamma * old + (1 - gamma) * (
+      scaled + damping * np.trace(old) / d * np.eye(d))
+  mixed = d * mixed / np.trace(mixed)
+  return (mixed + mixed.T) / 2
+
+
+def fismo_step(x, p, q, mom, *, beta: float, gamma: float, damping: float,
+               refresh: bool = True):
+  """One step of Algorithm 1 on the paper's ``x`` (``d1 x d2``, ``P`` on its
+  left): with ``refresh``, ``P`` from ``x Q^-1 x^T / d2`` with the old ``Q``,
+  then ``Q`` from ``x^T P^-1 x / d1`` with the new ``P``; then ``xt = P^-1/2
+  x Q^-1/2``, ``M = beta M + (1 - beta) xt``, ``dx = P^-1/2 polar(M)
+  Q^-1/2``. Returns ``(dx, P, Q, M)``."""
+  d1, d2 = x.shape
+  if refresh:
+    p = fismo_factor(p, x @ np.linalg.inv(q) @ x.T / d2, gamma=gamma,
+                     damping=damping)
+    q = fismo_factor(q, x.T @ np.linalg.inv(p) @ x / d1, gamma=gamma,
+                     damping=damping)
+  rp, rq = fismo_inv_sqrt(p), fismo_inv_sqrt(q)
+  mom = beta * mom + (1 - beta) * rp @ x @ rq
+  return rp @ exact_polar(mom) @ rq, p, q, mom
+
+
+def fismo_run(grads_per_step, *, beta: float, gamma: float, damping: float,
+              update_every: int = 1, side_order: str = "output_first"):
+  """FISMO (Xu et al. 2026, Algorithm 1 as METHODS.md §5 restates it) on one
+  ``(fan_in, fan_out)`` matrix over several steps, in float64 with the exact
+  polar factor, from ``P = Q = I`` and ``M = 0``.
+
+  The paper's ``W`` (``P`` on its left) is ``G^T`` for ``"output_first"``
+  and ``G`` for ``"input_first"``; the factors are refreshed at steps ``1,
+  1 + k, 1 + 2k, ...`` (``k = update_every``). Returns the list of steps
+  ``dW`` (orthax's layout) and of ``(input factor, output factor)`` after
+  each step.
+  """
+  flip = side_order == "output_first"
+  orient = (lambda a: a.T) if flip else (lambda a: a)
+  d1, d2 = orient(np.asarray(grads_per_step[0])).shape
+  p, q, mom = np.eye(d1), np.eye(d2), np.zeros((d1, d2))
+  steps, factors = [], []
+  for t, g in enumerate(grads_per_step):
+    dx, p, q, mom = fismo_step(
+        orient(np.asarray(g, np.float64)), p, q, mom, beta=beta, gamma=gamma,
+        damping=damping, refresh=t % update_every == 0)
+    steps.append(orient(dx))
+    factors.append((q, p) if flip else (p, q))
+  return steps, factors
+# --- end FISMO ---

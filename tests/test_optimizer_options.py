@@ -360,7 +360,8 @@ def _documented(fn):
 
 
 @pytest.mark.parametrize("name", ["muon", "normuon", "pion", "namo", "namo_d",
-                                  "adamuon", "root", "auon", "hybrid_auon"])
+                                  "adamuon", "root", "auon", "hybrid_auon",
+                                  "dion", "muon_clip", "aro", "poet", "fismo"])
 def test_signature_is_explicit_and_documented(name):
   fn = getattr(orthax, name)
   params = inspect.signature(fn).parameters

@@ -1,13 +1,13 @@
 """End-to-end: Muon and NorMuon beat AdamW on the GPT-2 example's tiny config,
-and every method of the adaptive family learns.
+and every other method learns.
 
 Each optimizer trains ``examples/train_gpt2.py``'s byte-level GPT-2 with the
 ``configs/tiny.py`` settings (hyper-parameters tuned there by sweeps at 300
 steps, AdamW's included) for the same steps from the same seed: 200 steps,
 2.5 minutes on 2 CPU cores shared with other jobs. One test holds
 the comparison's claims: tests sharing a module fixture can land on both
-pytest-xdist workers, and each would train all four optimizers. The
-adaptive family (issue 14) is checked one method per test, for fewer steps:
+pytest-xdist workers, and each would train all three optimizers. Every
+other method is checked one per test, for fewer steps on smaller batches:
 each must learn to use context; how they compare is
 ``benchmarks/methods.py``'s business (BUILD.md).
 """
@@ -28,10 +28,14 @@ pytestmark = pytest.mark.slow
 
 STEPS = 200
 SEED = 0
-COMPARED = ("adamw", "muon", "normuon", "pion")
-# The adaptive family, each trained alone for FAMILY_STEPS.
+COMPARED = ("adamw", "muon", "normuon")
+# Every other method, each trained alone for FAMILY_STEPS at FAMILY_BATCH
+# windows per step: enough to fall well below the unigram loss (at seed 0:
+# AuON 2.86, Pion 2.85, Muon 2.75 against 3.13), at a fifth of the
+# comparison's cost per method.
 FAMILY = tuple(n for n in train_gpt2.OPTIMIZERS if n not in COMPARED)
-FAMILY_STEPS = 100
+FAMILY_STEPS = 60
+FAMILY_BATCH = 16
 # Validation-loss lead (nats/byte) that Muon and NorMuon must keep over
 # AdamW after STEPS steps. Measured leads (Muon / NorMuon): seed 0
 # 0.26 / 0.27, seed 1 0.26 / 0.26, seed 2 0.31 / 0.31; the margin is under
@@ -49,10 +53,11 @@ def unigram_loss(train: gpt2_data.Tokens, val: gpt2_data.Tokens) -> float:
   return float(-np.mean(np.concatenate([log_p[a] for a in val.arrays])))
 
 
-def _tiny(tmp_path, steps):
+def _tiny(tmp_path, steps, batch_size=None):
   config = train_gpt2.load_config(
       Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
   config.steps, config.seed, config.workdir = steps, SEED, str(tmp_path)
+  config.batch_size = batch_size or config.batch_size
   return config
 
 
@@ -87,8 +92,8 @@ def test_optimizers_learn_and_orthogonalized_ones_beat_adamw(tmp_path):
 
 
 @pytest.mark.parametrize("name", FAMILY)
-def test_adaptive_family_learns(name, tmp_path):
-  config = _tiny(tmp_path, FAMILY_STEPS)
+def test_method_learns(name, tmp_path):
+  config = _tiny(tmp_path, FAMILY_STEPS, FAMILY_BATCH)
   data = train_gpt2.load_data(config)
   _check_learned(name, train_gpt2.train(config, name, data), FAMILY_STEPS,
                  unigram_loss(*data))

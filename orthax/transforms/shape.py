@@ -11,15 +11,17 @@ from orthax.matrices import DimensionNumbersSpec, MatrixView, map_matrices
 
 __all__ = ["scale_by_shape", "shape_factor"]
 
-_MODES = ("muon", "rms")
+_MODES = ("muon", "rms", "spectral")
 
 
 def shape_factor(view: MatrixView, mode: str = "muon",
                  rms: float = 0.2) -> float:
   """The factor :func:`scale_by_shape` multiplies ``view``'s matrices by."""
+  # max(fan_in, 1): an empty leaf's factor multiplies nothing
   if mode == "muon":
-    # max(fan_in, 1): an empty leaf's factor multiplies nothing
     return math.sqrt(max(1.0, view.fan_out / max(view.fan_in, 1)))
+  if mode == "spectral":
+    return math.sqrt(view.fan_out / max(view.fan_in, 1))
   return rms * math.sqrt(max(view.fan_in, view.fan_out))
 
 
@@ -38,10 +40,14 @@ def scale_by_shape(
   * ``"rms"``: :math:`\text{rms} \cdot \sqrt{\max(\text{fan\_in},
     \text{fan\_out})}` (Moonlight): the update's entries have RMS ``rms``
     (0.2 matches AdamW's typical update RMS), so AdamW's learning rate and
-    weight decay carry over.
+    weight decay carry over;
+  * ``"spectral"``: :math:`\sqrt{\text{fan\_out} / \text{fan\_in}}`
+    (Dion's, ``microsoft/dion``): ``"muon"`` without the floor at 1, so a
+    tall matrix's update is scaled down, to the same RMS→RMS operator norm
+    for every shape.
 
   Args:
-    mode: ``"muon"`` or ``"rms"``.
+    mode: ``"muon"``, ``"rms"`` or ``"spectral"``.
     rms: the target RMS in ``"rms"`` mode, ``> 0``.
     dimension_numbers: as in :func:`orthax.orthogonalize`; fan_in and fan_out
       are the products of the reduction and output axes.
@@ -64,6 +70,9 @@ def scale_by_shape(
     2024.
 
     J. Liu et al., Muon is Scalable for LLM Training, 2025, arXiv:2502.16982
+
+    K. Ahn et al., Dion: Distributed Orthonormalized Updates, 2025,
+    arXiv:2504.05295
   """
   if mode not in _MODES:
     raise ValueError(f"Unknown scale_by_shape mode {mode!r}; expected one of "
