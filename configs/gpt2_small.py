@@ -39,6 +39,20 @@ Sources, cited per setting below:
 [auon] ryyzn9/AuON: paper v1 table settings (AuON) and training/config.py
   (HybridAuON). None of these ran GPT-2 small for 10B tokens; treat them as
   starting points, not tuned values.
+[dion] microsoft/dion@0a059a4, configs/dion_160m.yaml: lr 0.02, rank
+  fraction 0.5, mu 0.95, decay 0.01.
+[aro] microsoft/dion, branch dev/aro, dion/aro.py: momentum 0.95, decay
+  0.01; its lr 0.01 goes with a 0.2 sqrt(max) step scale, 55 times the RMS
+  0.2 of orthax.aro, so the rate here is AdamW's ([llm.c]), as the paper's
+  RMS-matched protocol intends.
+[poet] Sphere-AI-Lab/poet@3a34bb6, poet_torch/config.py: poet_lr 5e-4 (x
+  poet_scale 0.5 inside the transform), base lr 1e-3, block 256, merge
+  every 200, no decay.
+[moonlight] MoonshotAI/Moonlight, examples/toy_train.py: MuonClip's Muon
+  (0.2 sqrt(max) scale, decay 0.1, AdamW betas 0.9/0.95 at the same rate);
+  Kimi K2's threshold 100 (arXiv:2507.20534).
+FISMO has no published code or settings: Muon's rate, [modded]'s AdamW part,
+and a factor refresh every 10 steps (orthax.fismo's docstring).
 """
 
 import ml_collections
@@ -128,5 +142,23 @@ def get_config() -> ml_collections.ConfigDict:
       hybrid_auon=dict(  # [auon] training/config.py: lr 0.08, decay 0.01
           learning_rate=0.08, momentum=0.95, weight_decay=0.01,
           **modded_adam, **modded_schedule),
+      dion=dict(  # [dion] dion_160m.yaml
+          learning_rate=0.02, mu=0.95, rank_fraction=0.5, weight_decay=0.01,
+          **modded_adam, **modded_schedule),
+      aro=dict(  # [aro]; AdamW's rate under its RMS-0.2 step
+          learning_rate=6e-4, momentum=0.95, weight_decay=0.01,
+          **modded_adam, **modded_schedule),
+      poet=dict(  # [poet]
+          learning_rate=5e-4, block_size=256, merge_every=200,
+          **{**modded_adam, "adam_learning_rate": 1e-3, "adam_b1": 0.9,
+             "adam_b2": 0.999, "adam_eps": 1e-6}, **modded_schedule),
+      fismo=dict(  # no published settings (see above)
+          learning_rate=0.025, momentum=0.95, weight_decay=0.01,
+          update_every=10, **modded_adam, **modded_schedule),
+      muon_clip=dict(  # [moonlight]; the rate is [adamuon]'s AdamW-matched one
+          learning_rate=6e-4, momentum=0.95, weight_decay=0.1,
+          threshold=100.0,
+          **{**modded_adam, "adam_learning_rate": 6e-4, "adam_b1": 0.9},
+          **modded_schedule),
   ))
   return config

@@ -235,7 +235,8 @@ _OPTIMIZER_SETTINGS = {
                     dict(low=0, high=1, low_open=True)),
     **dict.fromkeys(("gamma", "lr_scale", "threshold"), _POSITIVE),
     "alpha": dict(low=0, high=1),
-    **dict.fromkeys(("block_size", "merge_every"), dict(low=1, integer=True)),
+    **dict.fromkeys(("block_size", "merge_every", "update_every"),
+                    dict(low=1, integer=True)),
 }
 _DECAYS = ("cosine", "linear")
 # With the model and the optimizer's own settings, the fields that fix a

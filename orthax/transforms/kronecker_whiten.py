@@ -47,10 +47,6 @@ class KroneckerWhitenState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _transpose(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
-
-
 def _trace(x: jax.Array) -> jax.Array:
   """Traces of a stack of square matrices, shaped to broadcast against it."""
   return jnp.trace(x, axis1=-2, axis2=-1)[..., None, None]
@@ -71,7 +67,7 @@ def _inverse_root(factor: jax.Array, eps: float) -> jax.Array:
   values, vectors = jnp.linalg.eigh(factor)
   peak = jnp.max(values, axis=-1, keepdims=True, initial=0.0)
   values = jnp.maximum(values, peak * max(eps, d * unit_roundoff))
-  return (vectors * jax.lax.rsqrt(values)[..., None, :]) @ _transpose(vectors)
+  return (vectors * jax.lax.rsqrt(values)[..., None, :]) @ jnp.matrix_transpose(vectors)
 
 
 def _refresh(factor: jax.Array, gram: jax.Array, gamma, damping) -> jax.Array:
@@ -92,7 +88,7 @@ def _refresh(factor: jax.Array, gram: jax.Array, gamma, damping) -> jax.Array:
   mixed = gamma * factor + (1 - gamma) * damped
   trace = _trace(mixed)
   scaled = d * mixed / jnp.where(trace > 0, trace, jnp.ones_like(trace))
-  return jnp.where(trace > 0, (scaled + _transpose(scaled)) / 2, factor)
+  return jnp.where(trace > 0, (scaled + jnp.matrix_transpose(scaled)) / 2, factor)
 
 
 def _gauss_seidel(x, first, second, second_root, gamma, damping, eps):
@@ -100,10 +96,10 @@ def _gauss_seidel(x, first, second, second_root, gamma, damping, eps):
   its columns' factor, then that of its columns (``second``) from the new
   ``first``. Returns ``(first, first_root, second, second_root)``."""
   whitened = x @ second_root                      # x second^(-1/2)
-  first = _refresh(first, whitened @ _transpose(whitened), gamma, damping)
+  first = _refresh(first, whitened @ jnp.matrix_transpose(whitened), gamma, damping)
   first_root = _inverse_root(first, eps)
   whitened = first_root @ x                       # first^(-1/2) x
-  second = _refresh(second, _transpose(whitened) @ whitened, gamma, damping)
+  second = _refresh(second, jnp.matrix_transpose(whitened) @ whitened, gamma, damping)
   return first, first_root, second, _inverse_root(second, eps)
 
 
@@ -271,7 +267,7 @@ def kronecker_whiten(
       return _gauss_seidel(unit, input_factor, output_factor, output_root,
                            gamma, damping, eps)
     output_factor, output_root, input_factor, input_root = _gauss_seidel(
-        _transpose(unit), output_factor, input_factor, input_root, gamma,
+        jnp.matrix_transpose(unit), output_factor, input_factor, input_root, gamma,
         damping, eps)
     return input_factor, input_root, output_factor, output_root
 
