@@ -557,7 +557,7 @@ def test_bad_input_is_named(make, call, error, match):
     (dict(beta2=-0.1), ValueError, "beta2 must be in"),
     (dict(eps=-1.0), ValueError, "eps must be in"),
     (dict(weight_decay=-0.1), ValueError, "weight_decay must be in"),
-    (dict(shape_scale="spectral"), ValueError, "unknown shape_scale"),
+    (dict(shape_scale="frobenius"), ValueError, "unknown shape_scale"),
     (dict(learning_rate="0.1"), TypeError, "learning_rate must be"),
     (dict(bias_correction=1), TypeError, "bias_correction must be a bool"),
 ])
