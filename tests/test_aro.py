@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import reference
+from checkpoints import orbax_round_trip
 from orthax.matrices import MuonDimensionNumbers as DIMS
 from orthax.structured import aro
 from orthax.transforms.adaptive_rotate import (AdaptiveRotateState,
@@ -501,11 +501,7 @@ def test_orbax_resume_is_bit_identical(tmp_path):
   tx = _chain(dims=dims)
   straight, _ = _run(tx, grads)
   first, state = _run(tx, grads[:3])
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", {"state": state})
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"state": state})
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(tmp_path / "ckpt", abstract)["state"]
+  restored = orbax_round_trip(tmp_path / "ckpt", {"state": state})["state"]
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   update = jax.jit(tx.update)
   for t, g in enumerate(grads[3:], 3):

@@ -12,6 +12,7 @@ import pytest
 
 import orthax
 from orthax.polar import PRESETS
+from checkpoints import orbax_round_trip
 
 MDN = orthax.MuonDimensionNumbers
 
@@ -352,7 +353,6 @@ def test_restored_state_of_other_labels_is_named(make, tmp_path):
   into one whose routing makes it a matrix: orbax fills the missing
   momentum (and NorMuon statistic) with None, and the first update names
   the leaf instead of failing on None."""
-  ocp = pytest.importorskip("orbax.checkpoint")
   params = {"embedding": _normal(0, (10, 8)), "hidden": _normal(1, (8, 16)),
             "bias": _normal(2, (16,))}
   grads = jax.tree.map(lambda x: 0.5 * x, params)
@@ -360,12 +360,8 @@ def test_restored_state_of_other_labels_is_named(make, tmp_path):
   moved = make(0.02, routing=lambda p: {"embedding": "matrix",
                                          "hidden": "matrix", "bias": "adamw"})
   _, state = _first_update(old, params, grads)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", {"opt_state": state})
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          {"opt_state": moved.init(params)})
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(tmp_path / "ckpt", abstract)["opt_state"]
+  restored = orbax_round_trip(tmp_path / "ckpt", {"opt_state": state},
+                              {"opt_state": moved.init(params)})["opt_state"]
   pattern = _names("['embedding']", (10, 8)) + "(?=.*does not match this optimizer)"
   with pytest.raises(ValueError, match=pattern):
     moved.update(grads, restored, params)

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 import orthax
+from checkpoints import orbax_round_trip
 
 MDN = orthax.MuonDimensionNumbers
 
@@ -325,12 +325,8 @@ def test_orbax_resume_is_bit_identical(factory, tmp_path):
   straight = run(params0, tx.init(params0), 6)
 
   first = run(params0, tx.init(params0), 3)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", {"params": first[0], "opt_state": first[1]})
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          {"params": first[0], "opt_state": first[1]})
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(tmp_path / "ckpt", abstract)
+  restored = orbax_round_trip(tmp_path / "ckpt",
+                              {"params": first[0], "opt_state": first[1]})
   assert jax.tree.structure(restored["opt_state"]) == jax.tree.structure(first[1])
   resumed = run(restored["params"], restored["opt_state"], 3)
 

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import orthax
 import reference
+from checkpoints import orbax_round_trip
 from orthax.structured import dion
 from orthax.transforms.dion import dion_rank, scale_by_dion
 
@@ -407,12 +407,8 @@ def test_orbax_resume_is_bit_identical(tmp_path):
 
   straight = run(params0, _init(tx)(params0), 6)
   first = run(params0, _init(tx)(params0), 3)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", {"params": first[0], "opt_state": first[1]})
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          {"params": first[0], "opt_state": first[1]})
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(tmp_path / "ckpt", abstract)
+  restored = orbax_round_trip(tmp_path / "ckpt",
+                              {"params": first[0], "opt_state": first[1]})
   resumed = run(restored["params"], restored["opt_state"], 3)
   assert not np.array_equal(straight[0]["w1"], params0["w1"])
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)

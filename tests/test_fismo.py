@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import orthax
 import reference
+from checkpoints import orbax_round_trip
 from orthax.structured import fismo
 from orthax.transforms.kronecker_whiten import (KroneckerWhitenState,
                                                 kronecker_whiten)
@@ -487,11 +487,7 @@ def test_orbax_resume_is_bit_identical(tmp_path):
   tx = _tx(update_every=2, dims=DIMS(1, 2))
   straight = _run(tx, grads)[1]
   first = _run(tx, grads[:2])[1]
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", first)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, first)
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(tmp_path / "ckpt", abstract)
+  state = orbax_round_trip(tmp_path / "ckpt", first)
   assert isinstance(state, KroneckerWhitenState)
   update = jax.jit(tx.update)
   for g in grads[2:]:

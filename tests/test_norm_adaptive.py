@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import orthax
 import reference
+from checkpoints import orbax_round_trip
 
 LR, WD, B1, B2 = 0.02, 0.1, 0.95, 0.99
 STEPS = 6
@@ -496,12 +496,8 @@ def test_orbax_resume_is_bit_identical(tmp_path):
   tx = _chain("input", 0.75, dims=DIMS(1, 2))
   straight = _run_orthax(tx, params, grads)
   first = _run_orthax(tx, params, grads[:3])
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", {"params": first[0], "state": first[1]})
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          {"params": first[0], "state": first[1]})
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(tmp_path / "ckpt", abstract)
+  restored = orbax_round_trip(tmp_path / "ckpt",
+                              {"params": first[0], "state": first[1]})
   assert jax.tree.structure(restored["state"]) == jax.tree.structure(first[1])
   state = restored["state"]
   update = jax.jit(tx.update)

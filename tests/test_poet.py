@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 import orthax
 import reference
+from checkpoints import orbax_round_trip
 from orthax.nn import POETLinear
 from orthax.structured import poet
 from orthax.transforms.block_rotate import (block_stochastic_rotate,
@@ -373,11 +373,7 @@ def test_orbax_resume_is_bit_identical(f32_run, tmp_path):
   run = f32_run
   tree = {"params": jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                                  run.got[1]), "state": run.states[2]}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", tree)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(tmp_path / "ckpt", abstract)
+  restored = orbax_round_trip(tmp_path / "ckpt", tree)
   assert jax.tree.structure(restored) == jax.tree.structure(tree)
   # through NumPy (exact), so that the arrays are uncommitted like those the
   # update was compiled for, and it is not compiled again

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 import reference
+from checkpoints import orbax_round_trip
 import train_gpt2  # examples/, put on sys.path by conftest.py
 from orthax.structured import muon_clip
 from orthax.transforms.qk_clip import qk_clip
@@ -382,11 +382,7 @@ def test_orbax_resume_is_bit_identical(tmp_path):
 
   straight, _ = run(tx.init(params), range(1, 5))
   _, state = run(tx.init(params), range(1, 3))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", {"state": state})
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"state": state})
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(tmp_path / "ckpt", abstract)["state"]
+  restored = orbax_round_trip(tmp_path / "ckpt", {"state": state})["state"]
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   resumed, _ = run(restored, range(3, 5))
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight[2:])):

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import orthax
 import reference
+from checkpoints import orbax_round_trip
 
 MDN = orthax.MuonDimensionNumbers
 U32 = 2.0**-24  # float32 unit roundoff
@@ -511,11 +511,7 @@ def test_chain_resumes_from_orbax(tmp_path):
     warnings.simplefilter("ignore")
     straight, _ = _train(tx, params, grads)
     first, state = _train(tx, params, grads[:3])
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp_path / "ckpt", state)
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(params))
-    with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore(tmp_path / "ckpt", target)
+    restored = orbax_round_trip(tmp_path / "ckpt", state, tx.init(params))
     resumed, _ = _train(tx, first[-1], grads[3:], restored)
     fresh, _ = _train(tx, first[-1], grads[3:])
   np.testing.assert_array_equal(resumed[-1]["w"], straight[-1]["w"])

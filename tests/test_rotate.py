@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 import orthax
 import reference
+from checkpoints import orbax_round_trip
 
 LR = 0.02
 U32 = 2.0**-24  # float32 unit roundoff
@@ -491,12 +491,8 @@ def test_zero_gradient_moments_dtype_and_chain():
 def _orbax_round_trip(tmp_path, saved, restored_into, params):
   grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
   _, state = saved.update(grads, saved.init(params), params)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp_path / "ckpt", state)
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                        restored_into.init(params))
-  with ocp.StandardCheckpointer() as ckptr:
-    return state, ckptr.restore(tmp_path / "ckpt", target)
+  return state, orbax_round_trip(tmp_path / "ckpt", state,
+                                 restored_into.init(params))
 
 
 def _pion_params():
