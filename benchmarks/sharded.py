@@ -211,13 +211,12 @@ DION_FRACTIONS = (0.25, 1 / 16)
 
 
 def dion_rows(model: str, rows: list[dict]) -> list[dict]:
-  """Dion (``orthax.transforms.dion.scale_by_dion``) on the same FSDP-sharded
+  """Dion (``orthax.scale_by_dion``) on the same FSDP-sharded
   matrices under ``Explicit`` axes, for each of :data:`DION_FRACTIONS`: its
   collective bytes (only the low-rank factors should move) as ratios to
   orthax's whole-matrix sharded orthogonalization (``rows``' ``"orthax"``,
   Muon's collectives) and to XLA's optax. The even share is the unsharded
   program's matmul FLOPs over the devices (QR runs in LAPACK, uncounted)."""
-  from orthax.transforms.dion import scale_by_dion
   tree = hidden_matrices(*MODELS[model])
   mesh = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(AxisType.Explicit,))
   args = {k: jax.device_put(x, NamedSharding(mesh, P("fsdp", None)))
@@ -226,7 +225,7 @@ def dion_rows(model: str, rows: list[dict]) -> list[dict]:
   xla = next(r for r in rows if r["method"] == "xla optax")["collective_bytes"]
   out = []
   for fraction in DION_FRACTIONS:
-    tx = scale_by_dion(fraction)
+    tx = orthax.scale_by_dion(fraction)
     plain = jax.jit(tx.update).lower(tree, tx.init(tree)).compile()
     with jax.set_mesh(mesh):
       state = tx.init(args)
