@@ -132,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
       # defaults but for the rate (swept, above) and no weight decay.
       dion=dict(learning_rate=0.02, mu=0.95, weight_decay=0.0,
                 **adam, **schedule),
-      aro=dict(learning_rate=0.006, momentum=0.95, weight_decay=0.0,
+      aro=dict(learning_rate=0.012, momentum=0.95, weight_decay=0.0,
                **adam, **schedule),
       poet=dict(learning_rate=2e-3, **adam, **schedule),
       # FISMO refreshes its Kronecker factors (two eigh per matrix) every

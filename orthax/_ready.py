@@ -32,6 +32,7 @@ import functools
 import inspect
 import logging
 import math
+import re
 import textwrap
 import types
 import warnings
@@ -356,6 +357,21 @@ _RAISES_DOC = """
       of the wrong type.
 """
 
+# ``{returns}``: the Returns and Raises sections of a ready optimizer that is
+# one ``optax.partition``.
+_RETURNS_DOC = """  Returns:
+    An :class:`optax.GradientTransformation` (an ``optax.partition``).
+""" + _RAISES_DOC
+
+# ``{example: CALL}``: ``orthax.CALL`` built and applied to a small tree of
+# one matrix and one bias.
+_EXAMPLE = re.compile(r"\{example: ([^{}\n]+)\}")
+_EXAMPLE_DOC = """>>> import jax, jax.numpy as jnp, orthax
+    >>> params = {{'w': jax.random.normal(jax.random.key(0), (16, 64)),
+    ...           'b': jnp.zeros(64)}}
+    >>> opt = orthax.{call}
+    >>> updates, state = opt.update(params, opt.init(params), params)"""
+
 
 def _args_doc(args: tuple[_Arg, ...]) -> str:
   """The ``Args:`` entries of ``args``, each on its own wrapped lines."""
@@ -372,7 +388,9 @@ def _ready(*groups: tuple[_Arg, ...], defaults: Mapping[str, Any] | None = None)
 
   ``body`` declares its own arguments and a keyword ``shared``; its docstring
   marks with ``{shared_args}`` where the groups' ``Args:`` entries go (and
-  may mark ``{raises}``). The result has the public signature (``body``'s
+  may mark ``{raises}``, ``{returns}`` for the Returns and Raises sections of
+  one ``optax.partition``, and ``{example: CALL}`` for the usual example of
+  ``orthax.CALL``). The result has the public signature (``body``'s
   arguments but ``shared``, then the groups' as keyword-only ones with their
   defaults, or with ``defaults[name]`` where the method publishes its own),
   binds each call against it and calls ``body`` with the groups' values in a
@@ -407,8 +425,10 @@ def _ready(*groups: tuple[_Arg, ...], defaults: Mapping[str, Any] | None = None)
       return body(**values, shared=shared)
 
     ready.__signature__ = signature
-    ready.__doc__ = (body.__doc__.replace("{shared_args}", _args_doc(table))
-                     .replace("{raises}", _RAISES_DOC))
+    doc = (body.__doc__.replace("{shared_args}", _args_doc(table))
+           .replace("{returns}", _RETURNS_DOC).replace("{raises}", _RAISES_DOC))
+    ready.__doc__ = _EXAMPLE.sub(
+        lambda m: _EXAMPLE_DOC.format(call=m.group(1)), doc)
     return ready
 
   return decorate

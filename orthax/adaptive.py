@@ -102,15 +102,9 @@ def namo(learning_rate: optax.ScalarOrSchedule, *, beta2: float = 0.99,
 
   Args:{namo_args}{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.namo(learning_rate=0.012)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: namo(learning_rate=0.012)}
 
   References:
     M. Zhang, Y. Liu, H. Schaeffer, Adam Improves Muon: Adaptive Moment
@@ -141,15 +135,9 @@ def namo_d(learning_rate: optax.ScalarOrSchedule, *, beta2: float = 0.99,
   Args:{namo_args}
     clamp: ``kappa`` in ``(0, 1]``, or ``None`` for no clamp.{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.namo_d(learning_rate=0.009)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: namo_d(learning_rate=0.009)}
 
   References:
     M. Zhang, Y. Liu, H. Schaeffer, Adam Improves Muon: Adaptive Moment
@@ -209,15 +197,9 @@ def adamuon(learning_rate: optax.ScalarOrSchedule, *, sign: bool = False,
     target_rms: the RMS of each matrix's direction, ``> 0``
       (:func:`orthax.scale_to_rms`).{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.adamuon(learning_rate=0.02)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: adamuon(learning_rate=0.02)}
 
   References:
     C. Si, D. Zhang, W. Shen, AdaMuon: Adaptive Muon Optimizer, 2025,
@@ -273,15 +255,9 @@ def root(learning_rate: optax.ScalarOrSchedule, *, quantile: float = 0.9,
       ``(0, 1]`` (:func:`orthax.clip_to_quantile`).
     quantile_eps: added to the threshold (the official code's 1e-9).{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.root(learning_rate=1e-3)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: root(learning_rate=1e-3)}
 
   References:
     W. He et al., ROOT: Robust Orthogonalized Optimizer for Neural Network
@@ -326,15 +302,9 @@ def auon(learning_rate: optax.ScalarOrSchedule, *, variant: str = "paper",
     variant: ``"paper"`` or ``"package"``.
     gamma: the cosh's scale, ``>= 0``; ``None``: the variant's (1 or 1.5).{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.auon(learning_rate=0.05)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: auon(learning_rate=0.05)}
 
   References:
     D. Maity, AuON: A Linear-time Alternative to Orthogonal Momentum
@@ -384,15 +354,9 @@ def hybrid_auon(learning_rate: optax.ScalarOrSchedule, *,
     gamma: the cosh's scale, ``>= 0``; ``None``: the variant's (1.5 or
       1).{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.hybrid_auon(learning_rate=0.02)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: hybrid_auon(learning_rate=0.02)}
 
   References:
     D. Maity, AuON: A Linear-time Alternative to Orthogonal Momentum

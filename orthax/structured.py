@@ -84,15 +84,9 @@ def dion(learning_rate: optax.ScalarOrSchedule, *,
       entry, ``>= 0``.
     seed: integer seed of the initial factors ``Q_0``.{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.dion(learning_rate=0.01, rank_fraction=0.25)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: dion(learning_rate=0.01, rank_fraction=0.25)}
 
   References:
     K. Ahn, B. Xu, N. Abreu, Y. Fan, G. Magakyan, P. Sharma, Z. Zhan,
@@ -252,15 +246,9 @@ def aro(learning_rate: optax.ScalarOrSchedule, *, base: Any = "sinkhorn",
     target_rms: the RMS of each matrix's step per unit learning rate,
       ``> 0`` (:func:`orthax.scale_to_rms`).{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.aro(learning_rate=3e-3)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: aro(learning_rate=3e-3)}
 
   References:
     W. Gong, J. Zazo, Q. Luo, X. Wang, J. Hensman, C. Ma, ARO: Adaptively
@@ -326,15 +314,9 @@ def poet(learning_rate: optax.ScalarOrSchedule, *,
     block_size, merge_every, b1, b2, eps, lr_scale, neumann, seed: see
       :func:`orthax.block_stochastic_rotate`.{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.poet(learning_rate=5e-4)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: poet(learning_rate=5e-4)}
 
   References:
     Qiu, Buchholz, Xiao, Dax, Schölkopf, Liu, Reparameterized LLM Training
@@ -410,15 +392,9 @@ def fismo(learning_rate: optax.ScalarOrSchedule, *, gamma: float = 0.95,
       factor the Gauss–Seidel refresh updates first (which one the paper
       means is unconfirmed).{shared_args}
 
-  Returns:
-    An :class:`optax.GradientTransformation` (an ``optax.partition``).
-{raises}
+{returns}
   Example:
-    >>> import jax, jax.numpy as jnp, orthax
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (16, 64)),
-    ...           'b': jnp.zeros(64)}
-    >>> opt = orthax.fismo(learning_rate=0.02)
-    >>> updates, state = opt.update(params, opt.init(params), params)
+    {example: fismo(learning_rate=0.02)}
 
   References:
     C. Xu, W. Yan, Y.-J. A. Zhang, FISMO: Fisher-Structured

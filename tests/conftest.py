@@ -9,3 +9,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "examples"))
 # the benchmark scripts import their shared harness as a top-level module, as
 # they do when run as scripts from benchmarks/
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "benchmarks"))
+
+# Tests that take 20 s to 3 min on 2 CPU cores (measured with --durations,
+# 2026-11-26): run first, so that pytest-xdist, which hands out the first
+# quarter of the tests one at a time to each worker in turn, spreads them over
+# both workers instead of leaving one of them to finish the last few alone.
+_LONG = ("test_sharded.py::test_on_8_devices", "test_training.py::",
+         "test_train_gpt2.py::test_every_optimizer_trains_and_reports",
+         "test_train_gpt2.py::test_resume_continues_exactly",
+         "test_train_gpt2.py::test_notebook_runs",
+         "test_train_gpt2.py::test_eight_devices_match_one",
+         "test_benchmarks.py::", "test_dion.py::test_sharded_equals_unsharded",
+         "test_qk_clip.py::test_example_clips_heads_onto_threshold")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config  # unused
+  items.sort(key=lambda item: not any(name in item.nodeid for name in _LONG))

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+import ready_check
 import reference
 from checkpoints import orbax_round_trip
 from orthax.matrices import MuonDimensionNumbers as DIMS
@@ -557,13 +558,6 @@ def test_empty_matrix_gives_empty_update_and_no_state():
 # The ready optimizer
 
 
-def _model(dtype):
-  rng = np.random.default_rng(20)
-  return {"hidden": jnp.asarray(rng.normal(size=(8, 16)) * 0.1, dtype),
-          "bias": jnp.asarray(rng.normal(size=(16,)) * 0.1, dtype),
-          "embedding": jnp.asarray(rng.normal(size=(30, 8)), dtype)}
-
-
 def test_ready_optimizer_follows_the_float64_reference():
   """Four float64 steps of ``aro(lr)``: the hidden matrix follows
   ``W <- W - lr (0.2 D / RMS(D) + wd W)`` with the reference's ``D``, the
@@ -574,30 +568,17 @@ def test_ready_optimizer_follows_the_float64_reference():
   times D, scales D's float64 rounding far below it."""
   lr, steps = 3e-3, 4
   with jax.enable_x64(True):
-    params = _model(jnp.float64)
-    grads = [jax.tree.map(lambda p, k: jax.random.normal(k, p.shape,
-                                                         jnp.float64),
-                          params, dict(zip(params, jax.random.split(
-                              jax.random.key(t), 3))))
-             for t in range(steps)]
-    tx = aro(lr)
-    state, p, update = tx.init(params), params, jax.jit(tx.update)
-    others = {k: params[k] for k in ("bias", "embedding")}
-    adamw = optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
-    adam_state, q = adamw.init(others), others
-    w = np.asarray(params["hidden"])
+    params = ready_check.model(jnp.float64)
+    grads = ready_check.gradients(params, steps)
     ds = reference.aro([np.asarray(g["hidden"]) for g in grads],
                        side="input", base="sinkhorn", beta=0.95)
-    for g, d in zip(grads, ds):
-      u, state = update(g, state, p)
-      p = optax.apply_updates(p, u)
-      a, adam_state = adamw.update({k: g[k] for k in others}, adam_state, q)
-      q = optax.apply_updates(q, a)
-      w = w - lr * (0.2 * d / np.sqrt(np.mean(d**2)) + 0.01 * w)
-      np.testing.assert_allclose(p["hidden"], w, rtol=0, atol=1e-12)
-      for k in others:
-        np.testing.assert_allclose(p[k], q[k], rtol=0, atol=1e-12)
-  assert state is not None
+    hidden = [np.asarray(params["hidden"])]
+    for d in ds:
+      w = hidden[-1]
+      hidden.append(w - lr * (0.2 * d / np.sqrt(np.mean(d**2)) + 0.01 * w))
+    adamw = optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
+    ready_check.assert_follows(aro(lr), params, grads, hidden[1:], adamw,
+                               atol=1e-12)
 
 
 def test_ready_optimizer_defaults_and_rotation_state():
@@ -609,7 +590,7 @@ def test_ready_optimizer_defaults_and_rotation_state():
                          nesterov=False, weight_decay=0.01, adam_b1=0.9,
                          adam_b2=0.95).items():
     assert sig[key].default == value, key
-  params = _model(jnp.bfloat16)
+  params = ready_check.model(jnp.bfloat16)
   tx = aro(1e-3, weight_decay=0.0)
   state = tx.init(params)
   rotations = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) == 3]

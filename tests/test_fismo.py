@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import orthax
+import ready_check
 import reference
 from checkpoints import orbax_round_trip
 from orthax.structured import fismo
@@ -533,13 +534,6 @@ def test_bad_hyperparameters(kw, error, match):
 # The ready optimizer
 
 
-def _model(dtype):
-  rng = np.random.default_rng(20)
-  return {"hidden": jnp.asarray(rng.normal(size=(8, 16)) * 0.1, dtype),
-          "bias": jnp.asarray(rng.normal(size=(16,)) * 0.1, dtype),
-          "embedding": jnp.asarray(rng.normal(size=(30, 8)), dtype)}
-
-
 def test_ready_optimizer_follows_the_float64_reference():
   """Four float64 steps of ``fismo(lr, coeffs="svd")``: the hidden matrix
   follows ``W <- W - lr (sqrt(max(1, fan_out / fan_in)) dW + wd W)`` with
@@ -548,29 +542,16 @@ def test_ready_optimizer_follows_the_float64_reference():
   entries (each step's rounding, _step_bound at u = 2^-53, times lr)."""
   lr, steps = 0.02, 4
   with jax.enable_x64(True):
-    params = _model(jnp.float64)
-    grads = [jax.tree.map(lambda p, k: jax.random.normal(k, p.shape,
-                                                         jnp.float64),
-                          params, dict(zip(params, jax.random.split(
-                              jax.random.key(t), 3))))
-             for t in range(steps)]
-    tx = fismo(lr, coeffs="svd")
-    state, p, update = tx.init(params), params, jax.jit(tx.update)
-    others = {k: params[k] for k in ("bias", "embedding")}
-    adamw = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-    adam_state, q = adamw.init(others), others
-    w = np.asarray(params["hidden"])
+    params = ready_check.model(jnp.float64)
+    grads = ready_check.gradients(params, steps)
     ds, _ = reference.fismo_run([np.asarray(g["hidden"]) for g in grads],
                                 beta=0.95, gamma=0.95, damping=0.01)
-    for g, d in zip(grads, ds):
-      u, state = update(g, state, p)
-      p = optax.apply_updates(p, u)
-      a, adam_state = adamw.update({k: g[k] for k in others}, adam_state, q)
-      q = optax.apply_updates(q, a)
-      w = w - lr * (np.sqrt(2.0) * d + 0.01 * w)
-      np.testing.assert_allclose(p["hidden"], w, rtol=0, atol=1e-12)
-      for k in others:
-        np.testing.assert_allclose(p[k], q[k], rtol=0, atol=1e-12)
+    hidden = [np.asarray(params["hidden"])]
+    for d in ds:
+      hidden.append(hidden[-1] - lr * (np.sqrt(2.0) * d + 0.01 * hidden[-1]))
+    adamw = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    ready_check.assert_follows(fismo(lr, coeffs="svd"), params, grads,
+                               hidden[1:], adamw, atol=1e-12)
 
 
 def test_ready_optimizer_defaults_and_state():
@@ -582,7 +563,7 @@ def test_ready_optimizer_defaults_and_state():
                          nesterov=False, shape_scale="muon",
                          weight_decay=0.01).items():
     assert sig[key].default == value, key
-  params = _model(jnp.bfloat16)
+  params = ready_check.model(jnp.bfloat16)
   tx = fismo(1e-3, weight_decay=0.0)
   state = tx.init(params)
   factors = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) == 3]

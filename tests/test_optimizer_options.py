@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import doctest
 import inspect
 import re
 
@@ -359,9 +360,11 @@ def _documented(fn):
   return names
 
 
-@pytest.mark.parametrize("name", ["muon", "normuon", "pion", "namo", "namo_d",
-                                  "adamuon", "root", "auon", "hybrid_auon",
-                                  "dion", "muon_clip", "aro", "poet", "fismo"])
+READY = ("muon", "normuon", "pion", "namo", "namo_d", "adamuon", "root", "auon",
+         "hybrid_auon", "dion", "muon_clip", "aro", "poet", "fismo")
+
+
+@pytest.mark.parametrize("name", READY)
 def test_signature_is_explicit_and_documented(name):
   fn = getattr(orthax, name)
   params = inspect.signature(fn).parameters
@@ -370,7 +373,21 @@ def test_signature_is_explicit_and_documented(name):
              for p in list(params.values())[1:])
   assert "shared" not in params
   assert set(params) == _documented(fn)
-  assert "{shared_args}" not in fn.__doc__ and "{raises}" not in fn.__doc__
+  for mark in ("{shared_args}", "{raises}", "{returns}", "{example"):
+    assert mark not in fn.__doc__
+
+
+@pytest.mark.parametrize("name", READY)
+def test_docstring_example_runs(name):
+  """Each ready optimizer's Example (some written by ``_ready`` from an
+  ``{example: ...}`` mark) runs as written."""
+  fn = getattr(orthax, name)
+  runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+  for test in doctest.DocTestFinder(recurse=False).find(fn, f"orthax.{name}",
+                                                        globs={}):
+    runner.run(test)
+  result = runner.summarize(verbose=False)
+  assert result.attempted >= 3 and result.failed == 0
 
 
 def test_shared_keywords_have_one_default():
