@@ -30,7 +30,7 @@ def assert_follows(tx, params, grads, hidden, adamw, atol):
   """Applies ``tx`` (jitted) to ``grads`` from ``params``: after each step
   the hidden matrix is the matching entry of ``hidden`` and every other leaf
   where ``adamw`` alone takes it, within ``atol``. Run under
-  ``jax.enable_x64``. Returns the last state."""
+  ``jax.enable_x64``."""
   state, p, update = tx.init(params), params, jax.jit(tx.update)
   others = {k: v for k, v in params.items() if k != "hidden"}
   adam_state, q = adamw.init(others), others
@@ -42,4 +42,3 @@ def assert_follows(tx, params, grads, hidden, adamw, atol):
     np.testing.assert_allclose(p["hidden"], w, rtol=0, atol=atol)
     for k in others:
       np.testing.assert_allclose(p[k], q[k], rtol=0, atol=atol)
-  return state
