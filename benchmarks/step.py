@@ -35,7 +35,8 @@ import orthax
 from harness import median_seconds, write_json
 
 # (vocab, context, width, layers)
-MODELS = {"gpt2_small": (50257, 1024, 768, 12), "quick": (256, 64, 64, 2)}
+MODELS = {"gpt2_small": (50257, 1024, 768, 12),
+          "gpt2_medium": (50257, 1024, 1024, 24), "quick": (256, 64, 64, 2)}
 LR = 0.02
 
 
@@ -78,13 +79,20 @@ def optimizers(params) -> dict[str, optax.GradientTransformation]:
   }
 
 
-def time_step(tx, params, grads, reps: int) -> float:
+def jitted_step(tx, **extra):
+  """``jit(update + apply_updates)`` of ``tx``; ``extra``: keyword arguments
+  of its update (``max_logits=`` of :func:`orthax.muon_clip`)."""
   @jax.jit
   def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
-  return median_seconds(step, params, tx.init(params), grads, reps=reps)
+  return step
+
+
+def time_step(tx, params, grads, reps: int) -> float:
+  return median_seconds(jitted_step(tx), params, tx.init(params), grads,
+                        reps=reps)
 
 
 def run(model: str, reps: int) -> list[dict]:

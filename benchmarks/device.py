@@ -1,0 +1,395 @@
+"""Benchmark: the one prepared GPU/TPU check, three parts in one command.
+
+Runs on an accelerator image as it is (jax, flax, optax; no ml_collections,
+no install) and writes one JSON with the device, the versions, the date, the
+arguments and every part's rows:
+
+  PYTHONPATH=. python3 benchmarks/device.py [--quick] [--parts 1,2,3] \
+      [--reps 3] [--steps 30] [--out runs/bench/device.json]
+
+Part 1, Newton–Schulz: square (1024² ... 8192²) and GPT-shaped (768×3072 ...
+4096×16384) matrices, float32 and bfloat16, one matrix and a batch of
+``BATCH`` (the smaller shapes only). Every method runs the same iteration,
+5 steps of Jordan's quintic (``coeffs="muon"``, optax's): optax's
+``orthogonalize_via_newton_schulz`` (``jax.vmap``-ed over a batch), orthax
+``backend="xla"`` plain and Gram, orthax ``backend="pallas"`` plain and Gram
+(Gram only on rectangular matrices, where it saves FLOPs). Columns:
+
+* ``ms``: median time of the jitted call, after one warm-up (compile) call;
+* ``TFLOP/s`` and ``%peak``: the plain or Gram iteration's matmul FLOPs
+  (``orthogonalize.set_flops``) over the time, and that against the chip's
+  dense bf16 peak (``kernels.peak_tflops``); the Pallas kernels skip about
+  half of the symmetric products, so theirs is an effective figure;
+* ``|s-1|``: worst ``|s - 1|`` over the output's singular values after
+  dropping the lowest 10% (the measure of ``orthogonalize.quality``), from
+  the float32 eigenvalues of the first matrix's small Gram matrix, on the
+  device (a float64 SVD on the host would take minutes at 8192²); the
+  inputs are Gaussian, whose smallest singular values no 5-step iteration
+  lifts, hence the 10% dropped;
+* ``vs xla``: ``||O - O_xla||_F / ||O_xla||_F`` against orthax's XLA plain
+  output in the same dtype, ``vs f32`` against its float32 output: the
+  rounding of the method (the test suite bounds both).
+
+Part 2, one optimizer step (``jit(update + apply_updates)``, ``step.py``) on
+GPT-2 small's and medium's parameter trees: every ready optimizer of orthax
+(``READY``), ``optax.contrib.muon`` (orthax's routing, and its defaults) and
+``optax.adamw``. ``ms``; ``state MB``: the optimizer state's size; ``temp
+MB``: the step program's scratch memory from XLA's compiled memory analysis
+(per program, so independent of the order the optimizers run in); ``peak
+MB``: ``memory_stats()["peak_bytes_in_use"]`` after the step, the process's
+peak so far (it only grows: read it against the rows above; ``-`` where the
+device does not report it, as on CPU). ``orthax.muon_clip`` gets an empty
+``max_logits``: this tree's attention has one fused ``c_attn`` kernel, no
+query/key projection for its QK-clip to rescale.
+
+Part 3, GPT-2 small of the example (``examples/gpt2_model.py``, width 768,
+12 layers, 12 heads, context 1024, vocabulary 50304 padded; bfloat16
+compute, float32 parameters) on random tokens, batch 8×1024, ``--steps``
+steps of AdamW, orthax Muon and NorMuon: ``tokens/s`` from the median step
+time (after the first, compiling, step); ``opt share``: 1 - (the median
+time of the same jitted loss-and-gradient without the update) / (the full
+step's), both measured in this run; ``loss``: the last step's, a check that
+it trained.
+
+Each row that fails (a Pallas lowering error, out of memory) is kept with
+its ``error`` and the run goes on; a combination that cannot fit the
+device's memory is a ``skipped`` row. ``--quick``: tiny shapes, one
+repetition, a 2-layer GPT for 3 steps, every part (CPU; the Pallas kernels
+run interpreted; the test suite runs it): its times are not performance
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import sys
+import time
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from optax.contrib import _muon as optax_muon
+
+import orthax
+import step
+from harness import median_seconds, write_json
+from kernels import INTERPRET_NOTICE, peak_tflops
+from orthogonalize import MUON_ABC, set_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+READY = tuple(n for n in orthax.__all__
+              if n not in ("muon", "normuon")  # already in step.optimizers
+              and getattr(getattr(orthax, n), "__module__", "") in
+              ("orthax.optimizers", "orthax.adaptive", "orthax.structured"))
+SHAPES = {
+    "full": [(1024, 1024), (2048, 2048), (4096, 4096), (8192, 8192),
+             (768, 3072), (1024, 4096), (2048, 8192), (4096, 16384)],
+    "quick": [(32, 32), (32, 96)],
+}
+BATCH = {"full": 4, "quick": 2}
+# batches only for matrices up to this many entries (compile and run time)
+BATCH_MAX_SIZE = {"full": 4096 * 1024, "quick": 32 * 32}
+NS_STEPS = 5
+# buffers one Newton-Schulz call holds at once, in matrices of the input's
+# size (input, output, iterate, product, Gram-sized scratch, slack)
+NS_BUFFERS = 8
+GPT = {
+    "full": dict(vocab_size=50257, padded_vocab_size=50304, context=1024,
+                 width=768, num_layers=12, num_heads=12, batch=8),
+    "quick": dict(vocab_size=256, padded_vocab_size=256, context=64,
+                  width=64, num_layers=2, num_heads=2, batch=2),
+}
+
+
+def _error_row(base: dict, e: Exception) -> dict:
+  return {**base, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+
+
+def _memory_limit() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return stats.get("bytes_limit") if stats else None
+
+
+def _process_peak() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return stats.get("peak_bytes_in_use") if stats else None
+
+
+# Part 1: Newton-Schulz.
+
+
+def ns_methods(batched: bool, rectangular: bool) -> dict:
+  """name -> (function of the ``(batch,) m, n`` array, ``gram`` of its
+  FLOP count)."""
+  def optax_ns(x):
+    ns = lambda m: optax_muon.orthogonalize_via_newton_schulz(
+        m, jnp.asarray(MUON_ABC), NS_STEPS)
+    return jax.vmap(ns)(x) if batched else ns(x)
+
+  dims = orthax.MuonDimensionNumbers(1, 2) if batched else None
+
+  def orthax_ns(backend, gram):
+    tx = orthax.orthogonalize(coeffs="muon", backend=backend, gram=gram,
+                              dimension_numbers=dims)
+    return lambda x: tx.update(x, None)[0]
+
+  # XLA plain first: the reference of the others
+  methods = {"orthax xla plain": (orthax_ns("xla", False), False),
+             "optax muon": (optax_ns, False),
+             "orthax pallas plain": (orthax_ns("pallas", False), False)}
+  if rectangular:
+    methods["orthax xla gram"] = (orthax_ns("xla", True), True)
+    methods["orthax pallas gram"] = (orthax_ns("pallas", True), True)
+  return methods
+
+
+def quality(out: jax.Array) -> float:
+  """``orthogonalize.quality``'s measure of the first matrix, on the device:
+  the singular values are the square roots of the small Gram matrix's
+  eigenvalues (float32)."""
+  o = out.reshape(-1, *out.shape[-2:])[0].astype(jnp.float32)
+  gram = o.T @ o if o.shape[0] >= o.shape[1] else o @ o.T
+  s = jnp.sort(jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram), 0.0)))
+  return float(jnp.max(jnp.abs(s[int(0.1 * s.shape[0]):] - 1.0)))
+
+
+def rel_diff(a: jax.Array, b: jax.Array) -> float:
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def newton_schulz(mode: str, reps: int, peak: float | None) -> list[dict]:
+  rows = []
+  limit = _memory_limit()
+  for m, n in SHAPES[mode]:
+    for batch in (1, BATCH[mode]):
+      if batch > 1 and m * n > BATCH_MAX_SIZE[mode]:
+        continue
+      shape = (batch, m, n) if batch > 1 else (m, n)
+      x32 = jax.random.normal(jax.random.key(m + n + batch), shape)
+      reference = {}
+      for dtype in (jnp.float32, jnp.bfloat16):
+        x = x32.astype(dtype)
+        for name, (fn, gram) in ns_methods(batch > 1, m != n).items():
+          base = dict(part=1, method=name, shape=[m, n], batch=batch,
+                      dtype=jnp.dtype(dtype).name)
+          need = NS_BUFFERS * batch * m * n * 4
+          if limit is not None and need > limit:
+            rows.append({**base, "skipped": f"needs ~{need / 2**30:.1f} GiB "
+                         f"of the device's {limit / 2**30:.1f}"})
+            continue
+          try:
+            fn = jax.jit(fn)
+            t = median_seconds(fn, x, reps=reps)
+            out = fn(x)
+            if name == "orthax xla plain":
+              reference[base["dtype"]] = out
+            tflops = batch * set_flops([(m, n)], NS_STEPS, gram=gram) / t / 1e12
+            rows.append({
+                **base, "time_s": t, "tflops": tflops,
+                "peak": None if peak is None else tflops / peak,
+                "quality": quality(out),
+                "vs_xla": rel_diff(out, reference[base["dtype"]]),
+                "vs_f32": rel_diff(out, reference["float32"])})
+            del out
+          except Exception as e:  # one row per failure; the run goes on
+            rows.append(_error_row(base, e))
+  return rows
+
+
+# Part 2: one optimizer step.
+
+
+def optimizers(params) -> dict[str, optax.GradientTransformation]:
+  """``step.optimizers`` and every other ready optimizer of orthax."""
+  return {**step.optimizers(params),
+          **{f"orthax.{name}": getattr(orthax, name)(step.LR)
+             for name in READY}}
+
+
+def _megabytes(tree) -> float:
+  return sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
+
+
+def optimizer_step(models: list[str], reps: int) -> list[dict]:
+  rows = []
+  for model in models:
+    try:
+      params = step.gpt2_params(*step.MODELS[model])
+      grads = jax.tree.map(
+          lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+      txs = optimizers(params)
+    except Exception as e:
+      rows.append(_error_row(dict(part=2, model=model), e))
+      continue
+    count = sum(x.size for x in jax.tree.leaves(params))
+    for name, tx in txs.items():
+      base = dict(part=2, model=model, params=count, optimizer=name)
+      try:
+        extra = {"max_logits": {}} if name == "orthax.muon_clip" else {}
+        state = tx.init(params)
+        # compiled once: timed, and its memory analysis read
+        fn = step.jitted_step(tx, **extra).lower(params, state, grads).compile()
+        memory = fn.memory_analysis()
+        t = median_seconds(fn, params, state, grads, reps=reps)
+        peak = _process_peak()
+        rows.append({
+            **base, "time_s": t, "state_mb": _megabytes(state),
+            "temp_mb": None if memory is None
+            else memory.temp_size_in_bytes / 2**20,
+            "process_peak_mb": None if peak is None else peak / 2**20})
+        del state
+      except Exception as e:
+        rows.append(_error_row(base, e))
+  return rows
+
+
+# Part 3: training GPT-2 small of the example.
+
+
+class _Config(dict):
+  """``config.model`` without ml_collections: item and attribute access."""
+  __getattr__ = dict.__getitem__
+
+
+def training(mode: str, steps: int, reps: int, lr: float = 6e-4) -> list[dict]:
+  sizes = dict(GPT[mode])
+  batch = sizes.pop("batch")
+  try:
+    sys.path.insert(0, str(ROOT / "examples"))
+    from gpt2_model import GPT as Model, _loss
+    config = _Config(**sizes, mlp_ratio=4, tie_embeddings=True,
+                     dtype="bfloat16")
+    graphdef, params = nnx.split(Model(config, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (steps, batch,
+                                sizes["context"] + 1), 0, sizes["vocab_size"])
+  except Exception as e:
+    return [_error_row(dict(part=3), e)]
+  loss_and_grads = jax.jit(jax.value_and_grad(
+      lambda p, b: _loss(nnx.merge(graphdef, p), b)))
+  txs = {"optax.adamw": optax.adamw(lr),
+         "orthax.muon": orthax.muon(step.LR, adam_learning_rate=lr),
+         "orthax.normuon": orthax.normuon(step.LR, adam_learning_rate=lr)}
+  rows = []
+  for name, tx in txs.items():
+    base = dict(part=3, optimizer=name, batch=batch, context=sizes["context"],
+                layers=sizes["num_layers"], steps=steps)
+    try:
+      @jax.jit
+      def train_step(p, state, b, tx=tx):
+        loss, grads = loss_and_grads(p, b)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+      p, state, times = params, tx.init(params), []
+      for i in range(steps):
+        start = time.perf_counter()
+        p, state, loss = jax.block_until_ready(train_step(p, state, tokens[i]))
+        times.append(time.perf_counter() - start)
+      t_step = float(np.median(times[1:] if steps > 1 else times))
+      t_grads = median_seconds(loss_and_grads, params, tokens[0], reps=reps)
+      rows.append({**base, "step_s": t_step, "grads_s": t_grads,
+                   "tokens_per_s": batch * sizes["context"] / t_step,
+                   "optimizer_share": 1 - t_grads / t_step,
+                   "loss": float(loss)})
+    except Exception as e:
+      rows.append(_error_row(base, e))
+  return rows
+
+
+# The command.
+
+COLUMNS = {
+    1: [("method", "{:20}"), ("shape", "{:>11}"), ("batch", "{:>5}"),
+        ("dtype", "{:8}"), ("time_s", "{:>9}", 1e3, "ms"),
+        ("tflops", "{:>8}", 1, "TFLOP/s"), ("peak", "{:>6}", 100, "%peak"),
+        ("quality", "{:>7}", 1, "|s-1|"), ("vs_xla", "{:>8}"),
+        ("vs_f32", "{:>8}")],
+    2: [("model", "{:12}"), ("optimizer", "{:46}"),
+        ("time_s", "{:>9}", 1e3, "ms"), ("state_mb", "{:>9}", 1, "state MB"),
+        ("temp_mb", "{:>8}", 1, "temp MB"),
+        ("process_peak_mb", "{:>8}", 1, "peak MB")],
+    3: [("optimizer", "{:15}"), ("tokens_per_s", "{:>9}", 1, "tokens/s"),
+        ("step_s", "{:>8}", 1e3, "step ms"), ("grads_s", "{:>9}", 1e3,
+                                               "grads ms"),
+        ("optimizer_share", "{:>9}", 100, "opt share"),
+        ("loss", "{:>7}")],
+}
+
+
+def _cell(row: dict, key: str, fmt: str, scale: float = 1) -> str:
+  value = row.get(key)
+  if isinstance(value, float):
+    value = f"{scale * value:.3g}"
+  elif isinstance(value, list):
+    value = "x".join(map(str, value))
+  return fmt.format("-" if value is None else str(value))
+
+
+def print_table(part: int, rows: list[dict]) -> None:
+  columns = COLUMNS[part]
+  header = " ".join(
+      fmt.format(rest[1] if rest else key) for key, fmt, *rest in columns)
+  print(f"\nPart {part}")
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    line = " ".join(_cell(r, key, fmt, *rest[:1]) for key, fmt, *rest in columns)
+    note = r.get("error") or r.get("skipped")
+    print(line if note is None else f"{line}  {note}")
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny shapes and model, one repetition (CPU ok)")
+  parser.add_argument("--parts", default="1,2,3")
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--out", type=Path, default=Path("runs/bench/device.json"))
+  args = parser.parse_args(argv)
+  parts = sorted({int(p) for p in args.parts.split(",")})
+  if set(parts) - {1, 2, 3}:
+    parser.error(f"--parts: choose from 1,2,3, got {args.parts!r}")
+  device = jax.devices()[0]
+  interpreted = jax.default_backend() not in ("gpu", "tpu")
+  if interpreted and not args.quick:
+    parser.error("no GPU or TPU: these sizes would take hours on CPU (and "
+                 "the Pallas kernels run interpreted); run with --quick")
+  mode = "quick" if args.quick else "full"
+  reps = 1 if args.quick else args.reps
+  peak = None if interpreted else peak_tflops(device)
+  if interpreted:
+    print(INTERPRET_NOTICE)
+  print(f"{device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  run = {1: lambda: newton_schulz(mode, reps, peak),
+         2: lambda: optimizer_step(
+             ["quick"] if args.quick else ["gpt2_small", "gpt2_medium"], reps),
+         3: lambda: training(mode, 3 if args.quick else args.steps, reps)}
+  rows = []
+  for part in parts:
+    try:
+      part_rows = run[part]()
+    except Exception as e:  # a part's own failure is a row too
+      part_rows = [_error_row(dict(part=part), e)]
+    print_table(part, part_rows)
+    rows += part_rows
+  write_json(args.out, rows, device=device.device_kind,
+             platform=jax.default_backend(), interpreted=interpreted,
+             peak_tflops=peak,
+             versions=dict(jax=jax.__version__,
+                           jaxlib=importlib.metadata.version("jaxlib"),
+                           optax=optax.__version__, flax=flax.__version__),
+             date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+             args=vars(args) | {"out": str(args.out)})
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,90 @@
+"""benchmarks/device.py --quick: every part runs on CPU, its JSON has the
+device, the versions and each part's rows, every Newton–Schulz method matches
+orthax's XLA iteration, and every ready optimizer has a step row. No timing
+asserts."""
+
+from __future__ import annotations
+
+import json
+
+import orthax
+from test_benchmarks import _load
+from test_optimizer_options import READY
+
+# Relative Frobenius distance of a float32 method's output to orthax's XLA
+# plain float32 output. Both run 5 steps of the same quintic; they differ
+# only in rounding (summation order, Gram vs plain products, optax's absolute
+# eps vs orthax's relative one: 1e-8 against ||G||_F ~ 30, i.e. 3e-10).
+# Each step rounds 3 matmul results, each within n u of their value, n <= 96
+# the longest reduction here, u = 2^-24: 3 * 96 * 6e-8 = 1.7e-5 per step.
+# An error in the iterate propagates through the next steps with at most the
+# quintic's relative sensitivity s p'(s) / p(s), <= 2.6 where singular
+# values go (s <= 1.13, p(s) = 3.4445 s - 4.775 s^3 + 2.0315 s^5), so the
+# 5 steps' errors add up to at most 1.7e-5 * (1 + 2.6 + ... + 2.6^4) =
+# 1.7e-5 * 74 = 1.3e-3.
+F32_BOUND = 1.3e-3
+# A bfloat16 method against the float32 XLA output: bfloat16 keeps 8
+# significant bits, u = 2^-8 = 3.9e-3 per rounding. The iterations round
+# operands or results to bfloat16 at most 6 times a step (X, A = X X^T, A^2,
+# B, B X, the sum; the Gram path's R and Q likewise), 30 roundings over 5
+# steps. Roundings of independent elements are random: they add in
+# quadrature per step (sqrt(6) u = 9.6e-3), and the steps' errors compound
+# with the sensitivity above (x 74 at worst, first order): 0.7, useless.
+# The iteration damps what lies along singular values near 1 (|p'(1)| =
+# 0.72), where the output's norm is; the relative sensitivity exceeds 1.5
+# only for s > 1.05, which the quintic leaves after one step (p(1.05) =
+# 0.79). Taking the damped bound, each rounding counts at most once more:
+# 2 * 30 * u = 0.23. A method with a wrong coefficient, transpose or
+# normalization is off by O(1).
+BF16_BOUND = 0.23
+
+
+def test_device_benchmark_quick(tmp_path):
+  bench = _load("device")
+  out = tmp_path / "device.json"
+  rows = bench.main(["--quick", "--out", str(out)])
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == rows
+  assert saved["device"] and saved["platform"] == "cpu"
+  assert saved["interpreted"] and saved["peak_tflops"] is None
+  assert set(saved["versions"]) == {"jax", "jaxlib", "optax", "flax"}
+  assert saved["date"] and saved["args"]["quick"]
+  assert not [r for r in rows if "error" in r or "skipped" in r]
+
+  ns = [r for r in rows if r["part"] == 1]
+  methods = {"optax muon", "orthax xla plain", "orthax xla gram",
+             "orthax pallas plain", "orthax pallas gram"}
+  assert {r["method"] for r in ns} == methods
+  assert {r["dtype"] for r in ns} == {"float32", "bfloat16"}
+  assert {r["batch"] for r in ns} == {1, bench.BATCH["quick"]}
+  for r in ns:
+    assert r["time_s"] > 0 and r["tflops"] > 0
+    # 5 muon quintics leave singular values in [0.68, 1.13]
+    assert r["quality"] < 0.35, r
+    if r["dtype"] == "float32":
+      assert r["vs_xla"] <= F32_BOUND, r
+    else:
+      assert r["vs_f32"] <= BF16_BOUND, r
+
+  steps = [r for r in rows if r["part"] == 2]
+  expected = {f"orthax.{name}" for name in READY} | {
+      "optax.contrib.muon (same routing)", "optax.adamw"}
+  assert expected <= {r["optimizer"] for r in steps}
+  for r in steps:
+    assert r["time_s"] > 0 and r["state_mb"] > 0 and r["temp_mb"] >= 0
+
+  train = [r for r in rows if r["part"] == 3]
+  assert {r["optimizer"] for r in train} == {"optax.adamw", "orthax.muon",
+                                             "orthax.normuon"}
+  for r in train:
+    assert r["tokens_per_s"] > 0 and 0 < r["grads_s"]
+    # random tokens over 256 ids: the loss starts near log(256) = 5.5
+    assert abs(r["loss"] - 5.55) < 0.5, r
+
+
+def test_ready_list_is_the_package_s():
+  """device.py finds the ready optimizers by module: the same set as the
+  option tests' list, so a new one is benchmarked without an edit."""
+  bench = _load("device")
+  assert set(bench.READY) | {"muon", "normuon"} == set(READY)
+  assert all(callable(getattr(orthax, n)) for n in bench.READY)
