@@ -8,8 +8,8 @@ arguments and every part's rows:
       [--reps 3] [--steps 30] [--out runs/bench/device.json]
 
 Part 1, Newton–Schulz: square (1024² ... 8192²) and GPT-shaped (768×3072 ...
-4096×16384) matrices, float32 and bfloat16, one matrix and a batch of
-``BATCH`` (the smaller shapes only). Every method runs the same iteration,
+4096×16384) matrices, float32 and bfloat16, one matrix and, for the
+smaller shapes, a batch of 4 (``SHAPES``). Every method runs the same iteration,
 5 steps of Jordan's quintic (``coeffs="muon"``, optax's): optax's
 ``orthogonalize_via_newton_schulz`` (``jax.vmap``-ed over a batch), orthax
 ``backend="xla"`` plain and Gram, orthax ``backend="pallas"`` plain and Gram
@@ -30,15 +30,21 @@ Part 1, Newton–Schulz: square (1024² ... 8192²) and GPT-shaped (768×3072 ..
   output in the same dtype, ``vs f32`` against its float32 output: the
   rounding of the method (the test suite bounds both).
 
+After part 1 it prints (and the JSON keeps, ``auto_table``) the rows of
+:data:`orthax.polar.auto_backend.MEASURED_FASTER` this device earned: each
+shape, dtype and path where the kernels beat orthax's XLA iteration by
+``FASTER`` in every batch size; pasted there, ``backend="auto"`` takes the
+kernels exactly there.
+
 Part 2, one optimizer step (``jit(update + apply_updates)``, ``step.py``) on
 GPT-2 small's and medium's parameter trees: every ready optimizer of orthax
 (``READY``), ``optax.contrib.muon`` (orthax's routing, and its defaults) and
 ``optax.adamw``. ``ms``; ``state MB``: the optimizer state's size; ``temp
-MB``: the step program's scratch memory from XLA's compiled memory analysis
-(per program, so independent of the order the optimizers run in); ``peak
-MB``: ``memory_stats()["peak_bytes_in_use"]`` after the step, the process's
-peak so far (it only grows: read it against the rows above; ``-`` where the
-device does not report it, as on CPU). ``orthax.muon_clip`` gets an empty
+MB``: the step program's scratch memory, and ``peak MB`` all it holds at
+once (parameters, state and gradients in, the new parameters and state out,
+plus the scratch), both from XLA's compiled memory analysis: per program,
+so independent of the order the optimizers run in (the device's own
+``peak_bytes_in_use`` only grows over the run). ``orthax.muon_clip`` gets an empty
 ``max_logits``: this tree's attention has one fused ``c_attn`` kernel, no
 query/key projection for its QK-clip to rescale.
 
@@ -53,10 +59,12 @@ it trained.
 
 Each row that fails (a Pallas lowering error, out of memory) is kept with
 its ``error`` and the run goes on; a combination that cannot fit the
-device's memory is a ``skipped`` row. ``--quick``: tiny shapes, one
-repetition, a 2-layer GPT for 3 steps, every part (CPU; the Pallas kernels
-run interpreted; the test suite runs it): its times are not performance
-figures.
+device's memory, or that a part reaches after its time budget
+(``BUDGET_S``: the whole run stays under 5 minutes), is a ``skipped`` row.
+The JSON is written after every part. ``--quick``: tiny shapes, one
+repetition, a 2-layer GPT for 3 steps, every part, no time budget (CPU; the
+Pallas kernels run interpreted; the test suite runs it): its times are not
+performance figures.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import math
 import sys
 import time
 from pathlib import Path
@@ -80,6 +89,7 @@ import orthax
 import step
 from harness import median_seconds, write_json
 from kernels import INTERPRET_NOTICE, peak_tflops
+from orthax.polar.auto_backend import Measured
 from orthogonalize import MUON_ABC, set_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,14 +97,25 @@ READY = tuple(n for n in orthax.__all__
               if n not in ("muon", "normuon")  # already in step.optimizers
               and getattr(getattr(orthax, n), "__module__", "") in
               ("orthax.optimizers", "orthax.adaptive", "orthax.structured"))
+# (shape, batch sizes): batches only of the smaller matrices (compile and
+# run time). The issue's targets (4096² and 8192²) come first, in case the
+# time budget cuts the rest; --quick covers a square single matrix and a
+# rectangular batch (Gram path and stacks).
 SHAPES = {
-    "full": [(1024, 1024), (2048, 2048), (4096, 4096), (8192, 8192),
-             (768, 3072), (1024, 4096), (2048, 8192), (4096, 16384)],
-    "quick": [(32, 32), (32, 96)],
+    "full": [((4096, 4096), (1,)), ((8192, 8192), (1,)),
+             ((768, 3072), (1, 4)), ((1024, 4096), (1, 4)),
+             ((1024, 1024), (1, 4)), ((2048, 2048), (1, 4)),
+             ((2048, 8192), (1,)), ((4096, 16384), (1,))],
+    "quick": [((32, 32), (1,)), ((32, 96), (2,))],
 }
-BATCH = {"full": 4, "quick": 2}
-# batches only for matrices up to this many entries (compile and run time)
-BATCH_MAX_SIZE = {"full": 4096 * 1024, "quick": 32 * 32}
+# Seconds each part may start new rows for; rows after that are "skipped"
+# (the whole run stays under 5 minutes on an H100, compiles included, and
+# each part's JSON is written when the part ends). --quick: no limit.
+BUDGET_S = {1: 130, 2: 80, 3: 60}
+# Kernels' speed-up over XLA's iteration above which device.py proposes a
+# row of orthax.polar.auto_backend.MEASURED_FASTER: medians of a few
+# repetitions on a shared machine differ by a few percent run to run.
+FASTER = 1.05
 NS_STEPS = 5
 # buffers one Newton-Schulz call holds at once, in matrices of the input's
 # size (input, output, iterate, product, Gram-sized scratch, slack)
@@ -114,11 +135,6 @@ def _error_row(base: dict, e: Exception) -> dict:
 def _memory_limit() -> int | None:
   stats = jax.devices()[0].memory_stats()
   return stats.get("bytes_limit") if stats else None
-
-
-def _process_peak() -> int | None:
-  stats = jax.devices()[0].memory_stats()
-  return stats.get("peak_bytes_in_use") if stats else None
 
 
 # Part 1: Newton-Schulz.
@@ -164,13 +180,12 @@ def rel_diff(a: jax.Array, b: jax.Array) -> float:
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def newton_schulz(mode: str, reps: int, peak: float | None) -> list[dict]:
+def newton_schulz(mode: str, reps: int, peak: float | None,
+                  deadline: float) -> list[dict]:
   rows = []
   limit = _memory_limit()
-  for m, n in SHAPES[mode]:
-    for batch in (1, BATCH[mode]):
-      if batch > 1 and m * n > BATCH_MAX_SIZE[mode]:
-        continue
+  for (m, n), batches in SHAPES[mode]:
+    for batch in batches:
       shape = (batch, m, n) if batch > 1 else (m, n)
       x32 = jax.random.normal(jax.random.key(m + n + batch), shape)
       reference = {}
@@ -183,6 +198,9 @@ def newton_schulz(mode: str, reps: int, peak: float | None) -> list[dict]:
           if limit is not None and need > limit:
             rows.append({**base, "skipped": f"needs ~{need / 2**30:.1f} GiB "
                          f"of the device's {limit / 2**30:.1f}"})
+            continue
+          if time.monotonic() > deadline:
+            rows.append({**base, "skipped": "over the part's time budget"})
             continue
           try:
             fn = jax.jit(fn)
@@ -203,6 +221,26 @@ def newton_schulz(mode: str, reps: int, peak: float | None) -> list[dict]:
   return rows
 
 
+def auto_rows(rows: list[dict], date: str) -> list[Measured]:
+  """Rows of ``MEASURED_FASTER`` for this device: each shape, dtype and path
+  where orthax's kernels beat its XLA iteration by ``FASTER`` or more in
+  every batch size measured (the smallest speed-up is kept)."""
+  times = {}
+  for r in rows:
+    if r["part"] == 1 and "time_s" in r and r["method"].startswith("orthax"):
+      _, backend, path = r["method"].split()
+      key = (r["dtype"], path == "gram", tuple(sorted(r["shape"])), r["batch"])
+      times.setdefault(key, {})[backend] = r["time_s"]
+  speedups = {}
+  for (dtype, gram, sides, _), t in times.items():
+    if {"xla", "pallas"} <= set(t):
+      speedups.setdefault((dtype, gram, sides), []).append(
+          t["xla"] / t["pallas"])
+  kind = jax.devices()[0].device_kind
+  return [Measured(kind, dtype, gram, sides, round(min(s), 2), date)
+          for (dtype, gram, sides), s in speedups.items() if min(s) >= FASTER]
+
+
 # Part 2: one optimizer step.
 
 
@@ -217,7 +255,8 @@ def _megabytes(tree) -> float:
   return sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
 
 
-def optimizer_step(models: list[str], reps: int) -> list[dict]:
+def optimizer_step(models: list[str], reps: int,
+                   deadline: float) -> list[dict]:
   rows = []
   for model in models:
     try:
@@ -231,6 +270,9 @@ def optimizer_step(models: list[str], reps: int) -> list[dict]:
     count = sum(x.size for x in jax.tree.leaves(params))
     for name, tx in txs.items():
       base = dict(part=2, model=model, params=count, optimizer=name)
+      if time.monotonic() > deadline:
+        rows.append({**base, "skipped": "over the part's time budget"})
+        continue
       try:
         extra = {"max_logits": {}} if name == "orthax.muon_clip" else {}
         state = tx.init(params)
@@ -238,12 +280,12 @@ def optimizer_step(models: list[str], reps: int) -> list[dict]:
         fn = step.jitted_step(tx, **extra).lower(params, state, grads).compile()
         memory = fn.memory_analysis()
         t = median_seconds(fn, params, state, grads, reps=reps)
-        peak = _process_peak()
-        rows.append({
-            **base, "time_s": t, "state_mb": _megabytes(state),
-            "temp_mb": None if memory is None
-            else memory.temp_size_in_bytes / 2**20,
-            "process_peak_mb": None if peak is None else peak / 2**20})
+        rows.append({**base, "time_s": t, "state_mb": _megabytes(state),
+                     "temp_mb": memory.temp_size_in_bytes / 2**20,
+                     "peak_mb": (memory.argument_size_in_bytes
+                                 + memory.output_size_in_bytes
+                                 - memory.alias_size_in_bytes
+                                 + memory.temp_size_in_bytes) / 2**20})
         del state
       except Exception as e:
         rows.append(_error_row(base, e))
@@ -258,7 +300,8 @@ class _Config(dict):
   __getattr__ = dict.__getitem__
 
 
-def training(mode: str, steps: int, reps: int, lr: float = 6e-4) -> list[dict]:
+def training(mode: str, steps: int, reps: int, deadline: float,
+             lr: float = 6e-4) -> list[dict]:
   sizes = dict(GPT[mode])
   batch = sizes.pop("batch")
   try:
@@ -280,6 +323,9 @@ def training(mode: str, steps: int, reps: int, lr: float = 6e-4) -> list[dict]:
   for name, tx in txs.items():
     base = dict(part=3, optimizer=name, batch=batch, context=sizes["context"],
                 layers=sizes["num_layers"], steps=steps)
+    if time.monotonic() > deadline:
+      rows.append({**base, "skipped": "over the part's time budget"})
+      continue
     try:
       @jax.jit
       def train_step(p, state, b, tx=tx):
@@ -314,7 +360,7 @@ COLUMNS = {
     2: [("model", "{:12}"), ("optimizer", "{:46}"),
         ("time_s", "{:>9}", 1e3, "ms"), ("state_mb", "{:>9}", 1, "state MB"),
         ("temp_mb", "{:>8}", 1, "temp MB"),
-        ("process_peak_mb", "{:>8}", 1, "peak MB")],
+        ("peak_mb", "{:>8}", 1, "peak MB")],
     3: [("optimizer", "{:15}"), ("tokens_per_s", "{:>9}", 1, "tokens/s"),
         ("step_s", "{:>8}", 1e3, "step ms"), ("grads_s", "{:>9}", 1e3,
                                                "grads ms"),
@@ -368,26 +414,36 @@ def main(argv=None) -> list[dict]:
   if interpreted:
     print(INTERPRET_NOTICE)
   print(f"{device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  run = {1: lambda: newton_schulz(mode, reps, peak),
-         2: lambda: optimizer_step(
-             ["quick"] if args.quick else ["gpt2_small", "gpt2_medium"], reps),
-         3: lambda: training(mode, 3 if args.quick else args.steps, reps)}
-  rows = []
+  now = datetime.datetime.now(datetime.timezone.utc)
+  run = {1: lambda deadline: newton_schulz(mode, reps, peak, deadline),
+         2: lambda deadline: optimizer_step(
+             ["quick"] if args.quick else ["gpt2_small", "gpt2_medium"], reps,
+             deadline),
+         3: lambda deadline: training(mode, 3 if args.quick else args.steps,
+                                      reps, deadline)}
+  rows, table = [], []
   for part in parts:
+    deadline = time.monotonic() + (math.inf if args.quick else BUDGET_S[part])
     try:
-      part_rows = run[part]()
+      part_rows = run[part](deadline)
     except Exception as e:  # a part's own failure is a row too
       part_rows = [_error_row(dict(part=part), e)]
     print_table(part, part_rows)
     rows += part_rows
-  write_json(args.out, rows, device=device.device_kind,
-             platform=jax.default_backend(), interpreted=interpreted,
-             peak_tflops=peak,
-             versions=dict(jax=jax.__version__,
-                           jaxlib=importlib.metadata.version("jaxlib"),
-                           optax=optax.__version__, flax=flax.__version__),
-             date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-             args=vars(args) | {"out": str(args.out)})
+    if part == 1:
+      table = auto_rows(rows, now.date().isoformat())
+      print("\nRows for orthax.polar.auto_backend.MEASURED_FASTER "
+            f"(kernels >= {FASTER}x XLA):")
+      print("\n".join(f"    {r}," for r in table) or "    none")
+    # written after every part: a run cut short keeps what it measured
+    write_json(args.out, rows, device=device.device_kind,
+               platform=jax.default_backend(), interpreted=interpreted,
+               peak_tflops=peak,
+               versions=dict(jax=jax.__version__,
+                             jaxlib=importlib.metadata.version("jaxlib"),
+                             optax=optax.__version__, flax=flax.__version__),
+               date=now.isoformat(), args=vars(args) | {"out": str(args.out)},
+               auto_table=[r._asdict() for r in table])
   return rows
 
 

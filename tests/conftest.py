@@ -20,7 +20,10 @@ _LONG = ("test_sharded.py::test_on_8_devices", "test_training.py::",
          "test_train_gpt2.py::test_notebook_runs",
          "test_train_gpt2.py::test_eight_devices_match_one",
          "test_benchmarks.py::", "test_dion.py::test_sharded_equals_unsharded",
-         "test_qk_clip.py::test_example_clips_heads_onto_threshold")
+         "test_qk_clip.py::test_example_clips_heads_onto_threshold",
+         "test_device_bench.py::test_optimizer_step_part",
+         "test_device_bench.py::test_newton_schulz_part",
+         "test_device_bench.py::test_training_part")
 
 
 def pytest_collection_modifyitems(config, items):

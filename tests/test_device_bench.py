@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 
+import jax
+
 import orthax
+from orthax.polar import auto_backend
 from test_benchmarks import _load
 from test_optimizer_options import READY
 
@@ -39,10 +42,10 @@ F32_BOUND = 1.3e-3
 BF16_BOUND = 0.23
 
 
-def test_device_benchmark_quick(tmp_path):
+def _quick(tmp_path, part):
   bench = _load("device")
   out = tmp_path / "device.json"
-  rows = bench.main(["--quick", "--out", str(out)])
+  rows = bench.main(["--quick", "--parts", str(part), "--out", str(out)])
   saved = json.loads(out.read_text())
   assert saved["rows"] == rows
   assert saved["device"] and saved["platform"] == "cpu"
@@ -50,13 +53,19 @@ def test_device_benchmark_quick(tmp_path):
   assert set(saved["versions"]) == {"jax", "jaxlib", "optax", "flax"}
   assert saved["date"] and saved["args"]["quick"]
   assert not [r for r in rows if "error" in r or "skipped" in r]
+  assert {r["part"] for r in rows} == {part}
+  return bench, rows, saved
 
-  ns = [r for r in rows if r["part"] == 1]
+
+# One test per part: pytest-xdist can run them on both workers.
+def test_newton_schulz_part(tmp_path):
+  bench, ns, saved = _quick(tmp_path, 1)
   methods = {"optax muon", "orthax xla plain", "orthax xla gram",
              "orthax pallas plain", "orthax pallas gram"}
   assert {r["method"] for r in ns} == methods
   assert {r["dtype"] for r in ns} == {"float32", "bfloat16"}
-  assert {r["batch"] for r in ns} == {1, bench.BATCH["quick"]}
+  assert {(tuple(r["shape"]), r["batch"]) for r in ns} == {
+      (shape, b) for shape, batches in bench.SHAPES["quick"] for b in batches}
   for r in ns:
     assert r["time_s"] > 0 and r["tflops"] > 0
     # 5 muon quintics leave singular values in [0.68, 1.13]
@@ -65,15 +74,51 @@ def test_device_benchmark_quick(tmp_path):
       assert r["vs_xla"] <= F32_BOUND, r
     else:
       assert r["vs_f32"] <= BF16_BOUND, r
+  # the kernels run interpreted here: never faster than XLA, no row proposed
+  assert saved["auto_table"] == []
 
-  steps = [r for r in rows if r["part"] == 2]
+
+def test_auto_rows_are_where_the_kernels_won_every_batch():
+  """``auto_rows`` proposes a shape, dtype and path only where the kernels'
+  time beat XLA's by FASTER in every batch size, with the smallest speed-up;
+  either orientation is one row."""
+  bench = _load("device")
+  def row(method, shape, batch, t, dtype="bfloat16"):
+    return dict(part=1, method=method, shape=shape, batch=batch,
+                dtype=dtype, time_s=t)
+  rows = [row("orthax xla plain", [64, 32], 1, 2.0),
+          row("orthax pallas plain", [64, 32], 1, 1.0),
+          row("orthax xla plain", [64, 32], 4, 3.0),
+          row("orthax pallas plain", [64, 32], 4, 2.0),   # 1.5x: kept
+          row("orthax xla gram", [64, 32], 1, 1.0),
+          row("orthax pallas gram", [64, 32], 1, 0.99),   # < FASTER
+          row("orthax xla plain", [32, 32], 1, 1.0, "float32"),
+          row("orthax pallas plain", [32, 32], 1, 0.5, "float32"),
+          row("orthax xla plain", [32, 32], 4, 1.0, "float32"),
+          row("orthax pallas plain", [32, 32], 4, 1.2, "float32"),  # lost
+          row("optax muon", [16, 16], 1, 9.0),
+          row("orthax pallas plain", [16, 16], 1, 1.0),    # no XLA row
+          dict(part=1, method="orthax xla plain", shape=[8, 8], batch=1,
+               dtype="float32", error="boom")]
+  table = bench.auto_rows(rows, "2026-11-27")
+  kind = jax.devices()[0].device_kind
+  assert table == [auto_backend.Measured(
+      kind, "bfloat16", False, (32, 64), 1.5, "2026-11-27")]
+
+
+def test_optimizer_step_part(tmp_path):
+  _, steps, _ = _quick(tmp_path, 2)
   expected = {f"orthax.{name}" for name in READY} | {
       "optax.contrib.muon (same routing)", "optax.adamw"}
   assert expected <= {r["optimizer"] for r in steps}
   for r in steps:
     assert r["time_s"] > 0 and r["state_mb"] > 0 and r["temp_mb"] >= 0
+    # parameters and gradients in, parameters out, at least
+    assert r["peak_mb"] >= r["state_mb"], r
 
-  train = [r for r in rows if r["part"] == 3]
+
+def test_training_part(tmp_path):
+  _, train, _ = _quick(tmp_path, 3)
   assert {r["optimizer"] for r in train} == {"optax.adamw", "orthax.muon",
                                              "orthax.normuon"}
   for r in train:

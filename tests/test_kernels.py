@@ -23,7 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 import orthax
 from orthax import kernels
 from orthax.kernels import matmul, platform
-from orthax.polar import PRESETS, newton_schulz
+from orthax.polar import PRESETS, auto_backend, newton_schulz
 
 SMALL = kernels.Tiles(16, 16)
 VARIANTS = {
@@ -279,6 +279,37 @@ def test_traced_program_is_pallas_calls(gram):
   _, xla_dots = _calls(jax.make_jaxpr(lambda x: newton_schulz(
       x, PE.coeffs, gram=gram))(x).jaxpr)
   assert xla_dots > 0
+
+
+def test_auto_takes_the_kernels_exactly_where_measured(monkeypatch):
+  """backend="auto" runs pallas_calls only for a row of the measured table
+  that matches this device's kind, the compute dtype, the path and the
+  sides (either orientation); any other shape, dtype or path, another
+  device's row, or the shipped (empty) table give XLA's iteration."""
+  def kernel_calls(shape, dtype=jnp.float32, **kw):
+    jaxpr = jax.make_jaxpr(lambda x: newton_schulz(
+        x, PE.coeffs, backend="auto", **kw))(jnp.ones(shape, dtype)).jaxpr
+    return len(_calls(jaxpr)[0])
+
+  assert auto_backend.MEASURED_FASTER == ()  # none measured: XLA everywhere
+  assert kernel_calls((32, 96), gram=False) == 0
+  kind = jax.devices()[0].device_kind
+  row = auto_backend.Measured(kind, "float32", False, (32, 96), 1.4,
+                              "2026-11-27")
+  monkeypatch.setattr(auto_backend, "MEASURED_FASTER", (
+      row, row._replace(device_kind="another device", sides=(32, 64))))
+  assert kernel_calls((32, 96), gram=False) > 0
+  assert kernel_calls((2, 96, 32), gram=False) > 0  # tall, stacked
+  assert kernel_calls((32, 64), gram=False) == 0  # only another device's
+  assert kernel_calls((32, 97), gram=False) == 0
+  assert kernel_calls((32, 96), gram=True) == 0
+  assert kernel_calls((32, 96), gram=False, compute_dtype=jnp.bfloat16) == 0
+  assert kernel_calls((32, 96), jnp.bfloat16, gram=False) == 0
+  # the transform passes "auto" down (its default)
+  x = jnp.ones((32, 96))
+  jaxpr = jax.make_jaxpr(lambda t: orthax.orthogonalize(gram=False).update(
+      t, None)[0])(x).jaxpr
+  assert _calls(jaxpr)[0]
 
 
 # --- errors and wiring -------------------------------------------------------

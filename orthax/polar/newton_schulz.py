@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthax.polar.auto_backend import uses_pallas
+
 __all__ = ["BACKENDS", "MatmulOps", "PRECONDITIONINGS", "XLA_OPS",
            "divide_by_max_abs", "frobenius_normalize", "matmul_ops",
            "newton_schulz", "newton_schulz_flops", "precondition", "use_gram"]
@@ -127,7 +129,10 @@ BACKENDS = ("auto", "xla", "pallas")
 
 
 def matmul_ops(backend: str | MatmulOps) -> MatmulOps:
-  """The :class:`MatmulOps` of a backend name (or ``backend`` itself)."""
+  """The :class:`MatmulOps` of a backend name (or ``backend`` itself).
+
+  ``"auto"`` is resolved per matrix by :func:`newton_schulz` first.
+  """
   if isinstance(backend, MatmulOps):
     return backend
   if backend == "pallas":
@@ -135,9 +140,7 @@ def matmul_ops(backend: str | MatmulOps) -> MatmulOps:
     # load Pallas.
     from orthax.kernels import PALLAS_OPS  # pylint: disable=g-import-not-at-top
     return PALLAS_OPS
-  if backend in ("auto", "xla"):
-    # "auto" takes the kernels only where a measurement shows them faster;
-    # none has been made yet (no accelerator; BUILD.md), so XLA everywhere.
+  if backend == "xla":
     return XLA_OPS
   raise ValueError(f"Unknown Newton-Schulz backend {backend!r}; expected one "
                    f"of {BACKENDS} or a MatmulOps.")
@@ -369,8 +372,10 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
       0.63 instead of 0.72 of the plain FLOPs).
     backend: where the products run: ``"xla"``; ``"pallas"``, the fused
       kernels of :mod:`orthax.kernels` (interpreted on CPU; float32, bfloat16
-      or float16 only); ``"auto"``, XLA until the kernels are measured
-      faster somewhere; or a :class:`MatmulOps` (e.g.
+      or float16 only); ``"auto"``, the kernels exactly where
+      :data:`orthax.polar.auto_backend.MEASURED_FASTER` has them measured
+      faster (this device kind, dtype, path and shape; none yet), XLA
+      elsewhere; or a :class:`MatmulOps` (e.g.
       ``orthax.kernels.pallas_ops(tiles=...)``). Every backend runs this
       same iteration.
 
@@ -379,7 +384,6 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
     exact values depend on the coefficients) and whose singular vectors are
     those of ``x``.
   """
-  ops = matmul_ops(backend)
   out_dtype = x.dtype
   dtype = out_dtype if compute_dtype is None else jnp.dtype(compute_dtype)
   transposed = x.shape[-2] > x.shape[-1]
@@ -389,6 +393,10 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
                       dtype=jnp.promote_types(dtype, jnp.float32))
   steps = table.shape[0]
   gram = use_gram(x.shape[-2], x.shape[-1], steps, gram, gram_restart)
+  if isinstance(backend, str) and backend == "auto":
+    backend = ("pallas" if uses_pallas(*x.shape[-2:], dtype, gram)
+               else "xla")
+  ops = matmul_ops(backend)
   x, a_mat = precondition(x, preconditioning, margin=norm_margin, eps=eps,
                           dtype=dtype, acc=table.dtype, ops=ops)
   if gram:

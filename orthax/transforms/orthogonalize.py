@@ -202,8 +202,10 @@ def orthogonalize(
       on its own.
     backend: ``"xla"`` (the iteration as XLA matmuls), ``"pallas"`` (the
       same iteration on the fused kernels of :mod:`orthax.kernels`;
-      interpreted, slowly, on CPU) or ``"auto"``, which picks the kernels only
-      where a measurement shows them faster; none has been made yet, so it
+      interpreted, slowly, on CPU) or ``"auto"``, which picks the kernels
+      exactly for the device kinds, dtypes, paths and shapes where
+      ``benchmarks/device.py`` measured them faster
+      (:mod:`orthax.polar.auto_backend`); none has been measured yet, so it
       runs XLA everywhere (BUILD.md, "Pallas kernels").
     gram: Gram Newton–Schulz (see :func:`orthax.polar.newton_schulz`): the
       same polynomial, iterated on the small Gram matrix and applied to the
