@@ -1,10 +1,10 @@
-"""Benchmark: the one prepared GPU/TPU check, three parts in one command.
+"""Benchmark: the one prepared GPU/TPU check, four parts in one command.
 
 Runs on an accelerator image as it is (jax, flax, optax; no ml_collections,
 no install) and writes one JSON with the device, the versions, the date, the
 arguments and every part's rows:
 
-  PYTHONPATH=. python3 benchmarks/device.py [--quick] [--parts 1,2,3] \
+  PYTHONPATH=. python3 benchmarks/device.py [--quick] [--parts 1,2,3,4] \
       [--reps 3] [--steps 30] [--out runs/bench/device.json]
 
 Part 1, Newton–Schulz: square (1024² ... 8192²) and GPT-shaped (768×3072 ...
@@ -57,6 +57,13 @@ time of the same jitted loss-and-gradient without the update) / (the full
 step's), both measured in this run; ``loss``: the last step's, a check that
 it trained.
 
+Part 4, the kernels' tiles: bfloat16 Newton–Schulz on 4096² and 8192²
+(plain) and 768×3072 and 1024×4096 (Gram) with each of ``TILE_CANDIDATES``
+for every product, against the tile table's own choice (``default``) and
+XLA: ``vs default`` is the default's time over the row's; a candidate that
+wins is the evidence for a new row of ``orthax/kernels/platform.py``'s
+``_TILE_TABLE``.
+
 Each row that fails (a Pallas lowering error, out of memory) is kept with
 its ``error`` and the run goes on; a combination that cannot fit the
 device's memory, or that a part reaches after its time budget
@@ -89,6 +96,7 @@ import orthax
 import step
 from harness import median_seconds, write_json
 from kernels import INTERPRET_NOTICE, peak_tflops
+from orthax.kernels import Tiles, pallas_ops
 from orthax.polar.auto_backend import Measured
 from orthogonalize import MUON_ABC, set_flops
 
@@ -111,7 +119,7 @@ SHAPES = {
 # Seconds each part may start new rows for; rows after that are "skipped"
 # (the whole run stays under 5 minutes on an H100, compiles included, and
 # each part's JSON is written when the part ends). --quick: no limit.
-BUDGET_S = {1: 130, 2: 80, 3: 60}
+BUDGET_S = {1: 110, 2: 70, 3: 50, 4: 50}
 # Kernels' speed-up over XLA's iteration above which device.py proposes a
 # row of orthax.polar.auto_backend.MEASURED_FASTER: medians of a few
 # repetitions on a shared machine differ by a few percent run to run.
@@ -241,6 +249,51 @@ def auto_rows(rows: list[dict], date: str) -> list[Measured]:
           for (dtype, gram, sides), s in speedups.items() if min(s) >= FASTER]
 
 
+# Part 4: the kernels' tiles.
+
+# bfloat16 (the issue's targets, and where the kernels are meant to win):
+# (shape, gram); and the candidate tiles, the default's included.
+TILE_CASES = {
+    "full": [((4096, 4096), False), ((8192, 8192), False),
+             ((768, 3072), True), ((1024, 4096), True)],
+    "quick": [((32, 64), False)],
+}
+TILE_CANDIDATES = {
+    "full": [None, Tiles(64, 64), Tiles(128, 64),
+             Tiles(128, 128), Tiles(256, 64)],
+    "quick": [None, Tiles(32, 32)],
+}
+
+
+def tiles(mode: str, reps: int, deadline: float) -> list[dict]:
+  """The Pallas iteration with each candidate tile (``None``: the table's
+  choice per product, ``orthax.kernels.platform``) against XLA's, in
+  bfloat16; ``vs default`` is the table's time over this one's."""
+  rows = []
+  for (m, n), gram in TILE_CASES[mode]:
+    x = jax.random.normal(jax.random.key(m + n), (m, n), jnp.bfloat16)
+    candidates = {"xla": "xla", **{
+        "default" if t is None else f"{t.block}/{t.block_k}":
+        pallas_ops(tiles=t) for t in TILE_CANDIDATES[mode]}}
+    times = {}
+    for name, backend in candidates.items():
+      base = dict(part=4, shape=[m, n], gram=gram, tiles=name)
+      if time.monotonic() > deadline:
+        rows.append({**base, "skipped": "over the part's time budget"})
+        continue
+      try:
+        fn = jax.jit(lambda x, b=backend: orthax.polar.newton_schulz(
+            x, np.asarray([MUON_ABC] * NS_STEPS), gram=gram, backend=b))
+        times[name] = median_seconds(fn, x, reps=reps)
+        rows.append({**base, "time_s": times[name]})
+      except Exception as e:
+        rows.append(_error_row(base, e))
+  for r in rows:
+    if "time_s" in r and "default" in times:
+      r["vs_default"] = times["default"] / r["time_s"]
+  return rows
+
+
 # Part 2: one optimizer step.
 
 
@@ -366,6 +419,9 @@ COLUMNS = {
                                                "grads ms"),
         ("optimizer_share", "{:>9}", 100, "opt share"),
         ("loss", "{:>7}")],
+    4: [("shape", "{:>11}"), ("gram", "{:5}"), ("tiles", "{:8}"),
+        ("time_s", "{:>9}", 1e3, "ms"), ("vs_default", "{:>10}", 1,
+                                         "vs default")],
 }
 
 
@@ -395,14 +451,14 @@ def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true",
                       help="tiny shapes and model, one repetition (CPU ok)")
-  parser.add_argument("--parts", default="1,2,3")
+  parser.add_argument("--parts", default="1,2,3,4")
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--out", type=Path, default=Path("runs/bench/device.json"))
   args = parser.parse_args(argv)
   parts = sorted({int(p) for p in args.parts.split(",")})
-  if set(parts) - {1, 2, 3}:
-    parser.error(f"--parts: choose from 1,2,3, got {args.parts!r}")
+  if set(parts) - set(BUDGET_S):
+    parser.error(f"--parts: choose from 1,2,3,4, got {args.parts!r}")
   device = jax.devices()[0]
   interpreted = jax.default_backend() not in ("gpu", "tpu")
   if interpreted and not args.quick:
@@ -420,7 +476,8 @@ def main(argv=None) -> list[dict]:
              ["quick"] if args.quick else ["gpt2_small", "gpt2_medium"], reps,
              deadline),
          3: lambda deadline: training(mode, 3 if args.quick else args.steps,
-                                      reps, deadline)}
+                                      reps, deadline),
+         4: lambda deadline: tiles(mode, reps, deadline)}
   rows, table = [], []
   for part in parts:
     deadline = time.monotonic() + (math.inf if args.quick else BUDGET_S[part])

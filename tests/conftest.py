@@ -23,7 +23,8 @@ _LONG = ("test_sharded.py::test_on_8_devices", "test_training.py::",
          "test_qk_clip.py::test_example_clips_heads_onto_threshold",
          "test_device_bench.py::test_optimizer_step_part",
          "test_device_bench.py::test_newton_schulz_part",
-         "test_device_bench.py::test_training_part")
+         "test_device_bench.py::test_training_part",
+         "test_device_bench.py::test_tiles_part")
 
 
 def pytest_collection_modifyitems(config, items):

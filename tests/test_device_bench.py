@@ -127,6 +127,17 @@ def test_training_part(tmp_path):
     assert abs(r["loss"] - 5.55) < 0.5, r
 
 
+def test_tiles_part(tmp_path):
+  bench, rows, _ = _quick(tmp_path, 4)
+  want = {"xla", "default"} | {f"{t.block}/{t.block_k}"
+                               for t in bench.TILE_CANDIDATES["quick"] if t}
+  assert {r["tiles"] for r in rows} == want
+  assert len(rows) == len(want) * len(bench.TILE_CASES["quick"])
+  for r in rows:
+    assert r["time_s"] > 0 and r["vs_default"] > 0, r
+  assert [r["vs_default"] for r in rows if r["tiles"] == "default"] == [1.0]
+
+
 def test_ready_list_is_the_package_s():
   """device.py finds the ready optimizers by module: the same set as the
   option tests' list, so a new one is benchmarked without an edit."""
