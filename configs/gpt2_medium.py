@@ -5,6 +5,9 @@ Data: FineWeb 100B in the llm.c ``.bin`` format in ``data/fineweb100B/``
 
   python examples/train_gpt2.py --config=configs/gpt2_medium.py
 
+Like GPT-2 small it computes in bfloat16 with float32 parameters, gradients
+and optimizer state (``model.dtype``; see ``gpt2_small.py``).
+
 What changes from GPT-2 small, and where from:
 [llm.c] karpathy/llm.c, scripts/run_gpt2_350M.sh: ``-e d24`` (24 layers,
   width 1024, 16 heads), ``-l 0.0003 -u 700 -q 0.0 -c 0.1 -n 2000

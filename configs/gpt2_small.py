@@ -12,6 +12,13 @@ Sized as the published runs: 512 sequences of 1024 tokens per step, 64 per
 GPU on 8 GPUs of 80 GB. On fewer devices, accumulate gradients:
 ``--config.microbatches=8`` (one H100) keeps the same step.
 
+Mixed precision: ``model.dtype="bfloat16"`` is the compute dtype of the
+matrix products, the attention and the activations, as llm.c and
+modded-nanogpt train in bfloat16; the parameters, their gradients and the
+optimizer's state stay float32, and so does the Newton-Schulz iteration of
+the orthax methods (this example passes no ``compute_dtype``).
+``examples/gpt2_model.py`` lists what else stays float32.
+
 Sources, cited per setting below:
 [llm.c] karpathy/llm.c, scripts/run_gpt2_124M.sh (the GPT-2 124M
   reproduction: ``-b 64 -t 1024 -d 524288 -l 0.0006 -u 700 -q 0.0 -c 0.1

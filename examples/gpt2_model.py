@@ -6,6 +6,19 @@ which can record its per-head max logits for :func:`orthax.qk_clip`, and an
 :class:`MLP`), a final LayerNorm, and a head tied to ``wte`` or a separate
 ``lm_head``. :func:`_loss` is the next-token cross-entropy. The model checks
 its own ``config.model`` (:func:`_check_model`) as it is built.
+
+Mixed precision: ``config.model.dtype`` is the compute dtype of the matrix
+products (XLA accumulates them in float32 and rounds the result), the
+attention, the GELU and the residual stream; the parameters, and so their
+gradients and the optimizer's state, are float32. What stays float32
+whatever the compute dtype: the LayerNorm statistics and affine step (Flax
+computes them in float32 and casts the result), the attention logits and
+softmax (``jax.nn.dot_product_attention``), the loss (the logits are
+upcast), the embedding lookups and their sum, and the biases' addition. The
+last two are for the gradients: the gradient of an embedding row, of a
+position or of a bias is a sum over the batch's tokens, which a bfloat16
+lookup or bias would make XLA accumulate in bfloat16 (on XLA:CPU, 2048
+ones summed to 256 and 512).
 """
 
 from __future__ import annotations
@@ -48,6 +61,29 @@ def _check_model(model: ml_collections.ConfigDict) -> None:
                       f"('float32', 'bfloat16'), got {model.dtype!r}")
 
 
+def _promote_all_but_bias(args: tuple[jax.Array, jax.Array, jax.Array | None],
+                          *, dtype) -> tuple[jax.Array, ...]:
+  """``nnx.Linear``'s promotion of ``(inputs, kernel, bias)``, bias left alone.
+
+  The float32 bias makes the layer's output float32: its gradient, summed
+  over the tokens, is then accumulated in float32. :func:`_dense` casts the
+  output back to the compute dtype.
+  """
+  inputs, kernel, bias = args
+  return inputs.astype(dtype), kernel.astype(dtype), bias
+
+
+def _linear(fan_in: int, fan_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  """An ``nnx.Linear`` computing in ``dtype`` that adds its bias in float32."""
+  return nnx.Linear(fan_in, fan_out, dtype=dtype,
+                    promote_dtype=_promote_all_but_bias, rngs=rngs)
+
+
+def _dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+  """``layer(x)`` in ``x``'s dtype, the compute dtype (see :func:`_linear`)."""
+  return layer(x).astype(x.dtype)
+
+
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention with separate Q, K, V and output kernels.
 
@@ -69,18 +105,19 @@ class CausalSelfAttention(nnx.Module):
       raise ValueError(f"num_heads={num_heads} must divide width={width}")
     self.num_heads = num_heads
     self.record_max_logits = False
-    dense = functools.partial(nnx.Linear, width, width, dtype=dtype, rngs=rngs)
+    dense = functools.partial(_linear, width, width, dtype, rngs)
     self.query, self.key, self.value, self.proj = (dense(), dense(), dense(),
                                                    dense())
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-    q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+    q, k, v = (heads(_dense(layer, x))
+               for layer in (self.query, self.key, self.value))
     if self.record_max_logits:
       self.sow(nnx.Intermediate, "max_logits", self._max_logits(q, k))
     y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return self.proj(y.reshape(b, t, d))
+    return _dense(self.proj, y.reshape(b, t, d))
 
   @staticmethod
   def _max_logits(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -96,11 +133,11 @@ class MLP(nnx.Module):
   """GPT-2's feed-forward network: ``proj(gelu(fc(x)))`` (tanh GELU)."""
 
   def __init__(self, width: int, hidden: int, *, dtype, rngs: nnx.Rngs):
-    self.fc = nnx.Linear(width, hidden, dtype=dtype, rngs=rngs)
-    self.proj = nnx.Linear(hidden, width, dtype=dtype, rngs=rngs)
+    self.fc = _linear(width, hidden, dtype, rngs)
+    self.proj = _linear(hidden, width, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.proj(nnx.gelu(self.fc(x), approximate=True))
+    return _dense(self.proj, nnx.gelu(_dense(self.fc, x), approximate=True))
 
 
 def _layer_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -154,10 +191,12 @@ class GPT(nnx.Module):
     init = nnx.initializers.normal(stddev=0.02)
     self.vocab_size = config.vocab_size
     self.tie_embeddings = config.tie_embeddings
+    self.dtype = dtype
+    # No dtype: the lookups are float32 (the module's docstring says why).
     self.wte = nnx.Embed(config.padded_vocab_size, config.width,
-                         embedding_init=init, dtype=dtype, rngs=rngs)
+                         embedding_init=init, rngs=rngs)
     self.wpe = nnx.Embed(config.context, config.width, embedding_init=init,
-                         dtype=dtype, rngs=rngs)
+                         rngs=rngs)
     self.h = nnx.List([
         Block(config.width, config.num_heads, config.mlp_ratio, dtype=dtype,
               rngs=rngs) for _ in range(config.num_layers)])
@@ -171,10 +210,14 @@ class GPT(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Logits ``(batch, time, vocab_size)`` for int tokens ``(batch, time)``."""
     x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[1]))
+    x = x.astype(self.dtype)
     for block in self.h:
       x = block(x)
     x = self.ln_f(x)
-    logits = self.wte.attend(x) if self.tie_embeddings else self.lm_head(x)
+    if self.tie_embeddings:  # wte.attend would run in wte's float32
+      logits = x @ self.wte.embedding[...].astype(self.dtype).T
+    else:
+      logits = self.lm_head(x)
     return logits[..., :self.vocab_size]
 
 

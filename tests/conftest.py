@@ -24,7 +24,8 @@ _LONG = ("test_sharded.py::test_on_8_devices", "test_training.py::",
          "test_device_bench.py::test_optimizer_step_part",
          "test_device_bench.py::test_newton_schulz_part",
          "test_device_bench.py::test_training_part",
-         "test_device_bench.py::test_tiles_part")
+         "test_device_bench.py::test_tiles_part",
+         "test_mixed_precision.py::test_bfloat16_muon_trains_as_float32")
 
 
 def pytest_collection_modifyitems(config, items):
