@@ -21,9 +21,10 @@ iteration. orthax's program also runs, for its largest entry error against
 the same iteration in float64. None of these programs is timed: 8 simulated
 devices on 2 cores say nothing about speed.
 
-Dion's rows (:func:`dion_rows`, rank fractions 1/4 and 1/16) give the
-collective bytes of its low-rank step on the same sharded matrices, as
-ratios to orthax's sharded Muon and to XLA's optax.
+Dion's rows (:func:`dion_rows`, rank fractions 1/4 and 1/16; ``--quick``
+only 1/4: the other is the same program at a lower rank) give the collective
+bytes of its low-rank step on the same sharded matrices, as ratios to
+orthax's sharded Muon and to XLA's optax.
 
 Then the compile time of an MoE expert stack ``(E, 32, 64)``, sharded along
 fan_in, for growing ``E`` (:func:`compile_scaling`), sharded against
@@ -210,10 +211,11 @@ def run(model: str) -> list[dict]:
 DION_FRACTIONS = (0.25, 1 / 16)
 
 
-def dion_rows(model: str, rows: list[dict]) -> list[dict]:
+def dion_rows(model: str, rows: list[dict],
+              fractions: tuple[float, ...] = DION_FRACTIONS) -> list[dict]:
   """Dion (``orthax.scale_by_dion``) on the same FSDP-sharded
-  matrices under ``Explicit`` axes, for each of :data:`DION_FRACTIONS`: its
-  collective bytes (only the low-rank factors should move) as ratios to
+  matrices under ``Explicit`` axes, for each rank fraction of ``fractions``:
+  its collective bytes (only the low-rank factors should move) as ratios to
   orthax's whole-matrix sharded orthogonalization (``rows``' ``"orthax"``,
   Muon's collectives) and to XLA's optax. The even share is the unsharded
   program's matmul FLOPs over the devices (QR runs in LAPACK, uncounted)."""
@@ -224,7 +226,7 @@ def dion_rows(model: str, rows: list[dict]) -> list[dict]:
   muon = next(r for r in rows if r["method"] == "orthax")["collective_bytes"]
   xla = next(r for r in rows if r["method"] == "xla optax")["collective_bytes"]
   out = []
-  for fraction in DION_FRACTIONS:
+  for fraction in fractions:
     tx = orthax.scale_by_dion(fraction)
     plain = jax.jit(tx.update).lower(tree, tx.init(tree)).compile()
     with jax.set_mesh(mesh):
@@ -309,8 +311,10 @@ def main(argv=None) -> list[dict]:
   if jax.device_count() < DEVICES:
     raise SystemExit(f"needs {DEVICES} devices; run it in a fresh process "
                      "(it sets XLA_FLAGS before JAX starts)")
-  rows = run("quick" if args.quick else "gpt2_small")
-  rows += dion_rows("quick" if args.quick else "gpt2_small", rows)
+  model = "quick" if args.quick else "gpt2_small"
+  rows = run(model)
+  rows += dion_rows(model, rows,
+                    DION_FRACTIONS[:1] if args.quick else DION_FRACTIONS)
   print_table(rows)
   for r in rows:
     if "bytes_vs_orthax_muon" in r:

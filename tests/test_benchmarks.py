@@ -189,6 +189,8 @@ def test_sharded_benchmark_quick(tmp_path):
   assert sum(v for k, v in by["orthax"]["collectives"].items()
              if k != "all-to-all") == 0
   assert by["orthax"]["bytes_vs_xla_optax"] < 0.25
+  # quick mode's one Dion row (rank 1/4) ran
+  assert [r["method"] for r in saved["rows"]][3:] == ["dion r/4"]
   # float32 against the same iteration in float64: the bound derived in
   # tests/test_sharded.py
   assert by["orthax"]["max_abs_err_vs_float64"] <= test_sharded.F32_BOUND
