@@ -4,6 +4,22 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+# JAX's persistent compilation cache, shared by both pytest-xdist workers and
+# the 8-device subprocesses (they inherit the environment): many tests compile
+# programs that other tests already compiled (the example's runs, the
+# parametrized cases). A cached executable is the one XLA would compile again,
+# so results are the same bits; its key holds the program, the flags, the
+# device count and the versions. It lives in .pytest_cache (not in git), so a
+# clean clone starts empty; at 1 GiB the least recently used entries go. Set
+# before JAX is imported; an outer setting wins.
+for _name, _value in (
+    ("JAX_COMPILATION_CACHE_DIR",
+     os.path.join(os.path.dirname(_HERE), ".pytest_cache", "jax")),
+    ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+    ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0"),
+    ("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))):  # least recently used go
+  os.environ.setdefault(_name, _value)
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "examples"))
 # the benchmark scripts import their shared harness as a top-level module, as
