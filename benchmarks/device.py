@@ -140,6 +140,15 @@ def _error_row(base: dict, e: Exception) -> dict:
   return {**base, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
 
 
+def _past(deadline: float, base: dict, rows: list[dict]) -> bool:
+  """Whether the part's time budget is spent; if so, ``base`` is a skipped
+  row of ``rows``."""
+  if time.monotonic() <= deadline:
+    return False
+  rows.append({**base, "skipped": "over the part's time budget"})
+  return True
+
+
 def _memory_limit() -> int | None:
   stats = jax.devices()[0].memory_stats()
   return stats.get("bytes_limit") if stats else None
@@ -207,8 +216,7 @@ def newton_schulz(mode: str, reps: int, peak: float | None,
             rows.append({**base, "skipped": f"needs ~{need / 2**30:.1f} GiB "
                          f"of the device's {limit / 2**30:.1f}"})
             continue
-          if time.monotonic() > deadline:
-            rows.append({**base, "skipped": "over the part's time budget"})
+          if _past(deadline, base, rows):
             continue
           try:
             fn = jax.jit(fn)
@@ -256,7 +264,7 @@ def auto_rows(rows: list[dict], date: str) -> list[Measured]:
 TILE_CASES = {
     "full": [((4096, 4096), False), ((8192, 8192), False),
              ((768, 3072), True), ((1024, 4096), True)],
-    "quick": [((32, 64), False)],
+    "quick": [((32, 64), False), ((32, 32), False)],
 }
 TILE_CANDIDATES = {
     "full": [None, Tiles(64, 64), Tiles(128, 64),
@@ -275,22 +283,23 @@ def tiles(mode: str, reps: int, deadline: float) -> list[dict]:
     candidates = {"xla": "xla", **{
         "default" if t is None else f"{t.block}/{t.block_k}":
         pallas_ops(tiles=t) for t in TILE_CANDIDATES[mode]}}
-    times = {}
+    case = []
     for name, backend in candidates.items():
       base = dict(part=4, shape=[m, n], gram=gram, tiles=name)
-      if time.monotonic() > deadline:
-        rows.append({**base, "skipped": "over the part's time budget"})
+      if _past(deadline, base, case):
         continue
       try:
         fn = jax.jit(lambda x, b=backend: orthax.polar.newton_schulz(
             x, np.asarray([MUON_ABC] * NS_STEPS), gram=gram, backend=b))
-        times[name] = median_seconds(fn, x, reps=reps)
-        rows.append({**base, "time_s": times[name]})
+        case.append({**base, "time_s": median_seconds(fn, x, reps=reps)})
       except Exception as e:
-        rows.append(_error_row(base, e))
-  for r in rows:
-    if "time_s" in r and "default" in times:
-      r["vs_default"] = times["default"] / r["time_s"]
+        case.append(_error_row(base, e))
+    default = next((r["time_s"] for r in case
+                    if r["tiles"] == "default" and "time_s" in r), None)
+    for r in case:
+      if "time_s" in r and default is not None:
+        r["vs_default"] = default / r["time_s"]
+    rows += case
   return rows
 
 
@@ -323,8 +332,7 @@ def optimizer_step(models: list[str], reps: int,
     count = sum(x.size for x in jax.tree.leaves(params))
     for name, tx in txs.items():
       base = dict(part=2, model=model, params=count, optimizer=name)
-      if time.monotonic() > deadline:
-        rows.append({**base, "skipped": "over the part's time budget"})
+      if _past(deadline, base, rows):
         continue
       try:
         extra = {"max_logits": {}} if name == "orthax.muon_clip" else {}
@@ -376,8 +384,7 @@ def training(mode: str, steps: int, reps: int, deadline: float,
   for name, tx in txs.items():
     base = dict(part=3, optimizer=name, batch=batch, context=sizes["context"],
                 layers=sizes["num_layers"], steps=steps)
-    if time.monotonic() > deadline:
-      rows.append({**base, "skipped": "over the part's time budget"})
+    if _past(deadline, base, rows):
       continue
     try:
       @jax.jit
@@ -392,6 +399,8 @@ def training(mode: str, steps: int, reps: int, deadline: float,
         p, state, loss = jax.block_until_ready(train_step(p, state, tokens[i]))
         times.append(time.perf_counter() - start)
       t_step = float(np.median(times[1:] if steps > 1 else times))
+      # the same program each time, timed next to each optimizer's steps:
+      # the share compares two times taken under the same load
       t_grads = median_seconds(loss_and_grads, params, tokens[0], reps=reps)
       rows.append({**base, "step_s": t_step, "grads_s": t_grads,
                    "tokens_per_s": batch * sizes["context"] / t_step,
