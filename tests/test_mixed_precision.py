@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,12 +66,8 @@ def _equations(jaxpr):
   """Every equation of ``jaxpr`` and of the jaxprs nested in its equations."""
   for eqn in jaxpr.eqns:
     yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          sub = sub.jaxpr
-        if isinstance(sub, jax.extend.core.Jaxpr):
-          yield from _equations(sub)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _equations(sub)
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])

@@ -393,7 +393,7 @@ def newton_schulz(x: jax.Array, coeffs: np.ndarray, *, norm_margin: float = 1.0,
                       dtype=jnp.promote_types(dtype, jnp.float32))
   steps = table.shape[0]
   gram = use_gram(x.shape[-2], x.shape[-1], steps, gram, gram_restart)
-  if isinstance(backend, str) and backend == "auto":
+  if backend == "auto":
     backend = ("pallas" if uses_pallas(*x.shape[-2:], dtype, gram)
                else "xla")
   ops = matmul_ops(backend)
